@@ -15,7 +15,11 @@ from eplb_jax import replication
 def gpu_loads(
   weight: jax.typing.ArrayLike, phy2log: jax.Array, logcnt: jax.Array, num_gpus: int
 ) -> jax.Array:
-  """Load of each GPU, ``[L, num_gpus]``, for loads ``weight [L, E]`` and maps ``phy2log [L, P]``, ``logcnt [L, E]``."""
+  """Load of each GPU ``[L, num_gpus]`` for loads ``weight [L, E]``.
+
+  ``phy2log [L, P]`` and ``logcnt [L, E]`` are the placement maps; slots are
+  numbered GPU by GPU.
+  """
   weight = jnp.asarray(weight, jnp.float32)
   per_replica = weight / jnp.maximum(logcnt, 1)
   slot_load = jnp.take_along_axis(per_replica, phy2log, axis=-1)

@@ -1,22 +1,20 @@
-"""Packing: assign ``n`` weighted items to ``m`` packs of exactly ``n / m`` items.
+"""Packing: assign ``n`` weighted items to ``m`` packs of exactly ``g = n / m`` items.
 
 Used twice by the hierarchical policy: expert groups onto nodes, and replicas
-onto the GPUs of a node. All row-level functions work on one row (a layer, or
-a layer's node) and are ``vmap``-ped over rows.
-
-Internally a packing is a ``slots [m, g]`` array of item indices: row ``p``
-lists the ``g = n / m`` items of pack ``p`` and the column is the item's rank
-in the pack.
+onto the GPUs of a node. Row functions take one row (a layer, or a layer's
+node) and are ``vmap``-ped over rows.
 
 * ``greedy`` is DeepSeek's algorithm, reproduced exactly: items in descending
   weight order (stable: ties to the lower index), each into the lightest pack
   that is not full (ties to the lower pack), one ``lax.fori_loop`` step per
   item, float32 loads accumulated in the reference's order.
-* ``refined`` starts from a sorted round-robin: ``g`` rounds, each giving the
+* ``refined`` starts from a sorted round-robin: ``g`` rounds, each dealing the
   next ``m`` heaviest items to the packs ordered lightest first, so it needs
-  ``g`` sequential steps instead of ``n``. Swap refinement then repeatedly
-  makes the best item exchange between the heaviest pack and any other pack
-  (:mod:`eplb_jax.refinement`).
+  ``g`` sequential steps instead of ``n``. Swap refinement then lowers the
+  heaviest packs (:mod:`eplb_jax.refinement`).
+
+The refinement works on ``slots [m, g]``: row ``p`` lists the items of pack
+``p``, the column being the item's rank in the pack.
 """
 
 from __future__ import annotations
@@ -27,73 +25,54 @@ import jax
 import jax.numpy as jnp
 
 from eplb_jax import _checks
+from eplb_jax import _ops
 from eplb_jax import refinement
 
 
-def argsort_descending(weight: jax.Array) -> jax.Array:
-  """Stable descending argsort of a 1-D array (ties to the lower index)."""
-  iota = jnp.arange(weight.shape[0], dtype=jnp.int32)
-  _, order = jax.lax.sort((-weight, iota), num_keys=1, is_stable=True)
-  return order
-
-
-def greedy_slots(weight: jax.Array, num_packs: int) -> jax.Array:
-  """DeepSeek's greedy packing of one row ``[n]`` into ``slots [m, g]``."""
+def greedy_row(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
+  """DeepSeek's greedy packing of one row ``[n]``: ``(pack_index, rank_in_pack)``."""
   n = weight.shape[0]
   per_pack = n // num_packs
-  order = argsort_descending(weight)
+  order = _ops.argsort_descending(weight)
+  sorted_weight = weight[order]
 
   def place(i, state):
-    loads, counts, slots = state
-    item = order[i]
-    pack = jnp.argmin(jnp.where(counts < per_pack, loads, jnp.inf))
-    slots = slots.at[pack, counts[pack]].set(item)
-    return loads.at[pack].add(weight[item]), counts.at[pack].add(1), slots
+    loads, counts, pack_of, rank_of = state
+    pack = _ops.argmin_first(jnp.where(counts < per_pack, loads, jnp.inf))
+    chosen = jnp.arange(num_packs) == pack
+    return (
+      jnp.where(chosen, loads + sorted_weight[i], loads),
+      counts + chosen,
+      pack_of.at[i].set(pack),
+      rank_of.at[i].set(counts[pack]),
+    )
 
-  init = (
-    jnp.zeros(num_packs, jnp.float32),
-    jnp.zeros(num_packs, jnp.int32),
-    jnp.zeros((num_packs, per_pack), jnp.int32),
-  )
-  return jax.lax.fori_loop(0, n, place, init)[2]
+  zeros_m, zeros_n = jnp.zeros(num_packs, jnp.int32), jnp.zeros(n, jnp.int32)
+  init = (jnp.zeros(num_packs, jnp.float32), zeros_m, zeros_n, zeros_n)
+  _, _, pack_of, rank_of = jax.lax.fori_loop(0, n, place, init)
+  return zeros_n.at[order].set(pack_of), zeros_n.at[order].set(rank_of)
 
 
 def round_robin_slots(weight: jax.Array, num_packs: int) -> jax.Array:
   """Sorted round-robin packing of one row ``[n]`` into ``slots [m, g]``.
 
-  Round ``r`` hands the items ranked ``r * m .. (r + 1) * m - 1`` by weight to
-  the packs in increasing order of their current load, heaviest item to the
-  lightest pack.
+  Round ``r`` deals the items ranked ``r * m .. (r + 1) * m - 1`` by weight to
+  the packs in increasing order of their current load, the heaviest item to
+  the lightest pack.
   """
   n = weight.shape[0]
   per_pack = n // num_packs
-  rounds = argsort_descending(weight).reshape(per_pack, num_packs)
+  rounds = _ops.argsort_descending(weight).reshape(per_pack, num_packs)
+  round_weights = weight[rounds]
 
   def deal(r, state):
     loads, slots = state
-    items = rounds[r]
-    packs = jnp.argsort(loads, stable=True)
-    slots = slots.at[packs, r].set(items)
-    return loads.at[packs].add(weight[items]), slots
+    lightness = _ops.descending_ranks(-loads)  # 0 for the lightest pack
+    slots = slots.at[:, r].set(rounds[r][lightness])
+    return loads + round_weights[r][lightness], slots
 
   init = (jnp.zeros(num_packs, jnp.float32), jnp.zeros((num_packs, per_pack), jnp.int32))
   return jax.lax.fori_loop(0, per_pack, deal, init)[1]
-
-
-def pack_rows(weight: jax.Array, num_packs: int, mode: str) -> tuple[jax.Array, jax.Array]:
-  """Unchecked core of :func:`balanced_packing` (``weight`` float32 ``[X, n]``)."""
-  rows, n = weight.shape
-  if n == num_packs:
-    # One item per pack: every assignment is equally balanced, and the
-    # reference keeps the identity order.
-    identity = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n))
-    return identity, jnp.zeros_like(identity)
-  if mode == "greedy":
-    slots = jax.vmap(functools.partial(greedy_slots, num_packs=num_packs))(weight)
-  else:
-    slots = jax.vmap(functools.partial(round_robin_slots, num_packs=num_packs))(weight)
-    slots = jax.vmap(refinement.refine_slots)(weight, slots)
-  return jax.vmap(slots_to_index)(slots)
 
 
 def slots_to_index(slots: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -104,6 +83,24 @@ def slots_to_index(slots: jax.Array) -> tuple[jax.Array, jax.Array]:
   rank = jnp.tile(jnp.arange(per_pack, dtype=jnp.int32), num_packs)
   empty = jnp.zeros(items.shape, jnp.int32)
   return empty.at[items].set(pack), empty.at[items].set(rank)
+
+
+def refined_row(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
+  """Round-robin start plus swap refinement of one row: ``(pack_index, rank_in_pack)``."""
+  slots = refinement.refine_slots(weight, round_robin_slots(weight, num_packs))
+  return slots_to_index(slots)
+
+
+def pack_rows(weight: jax.Array, num_packs: int, mode: str) -> tuple[jax.Array, jax.Array]:
+  """Unchecked core of :func:`balanced_packing` (``weight`` float32 ``[X, n]``)."""
+  rows, n = weight.shape
+  if n == num_packs:
+    # One item per pack: every assignment is equally balanced, and the
+    # reference keeps the identity order.
+    identity = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n))
+    return identity, jnp.zeros_like(identity)
+  row_fn = greedy_row if mode == "greedy" else refined_row
+  return jax.vmap(functools.partial(row_fn, num_packs=num_packs))(weight)
 
 
 def balanced_packing(

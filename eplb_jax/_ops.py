@@ -1,0 +1,87 @@
+"""Small array primitives tuned for XLA:CPU, with the tie rules of the reference.
+
+XLA:CPU runs variadic reductions (``argmin``/``argmax``) and ``sort`` an order
+of magnitude slower than plain reductions and elementwise code, and the
+balancer calls them inside its loops. These replacements keep the exact
+semantics the reference relies on (first index among ties, stable order)
+using only plain reductions and comparisons.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def argmin_first(x: jax.Array, axis: int = -1) -> jax.Array:
+  """``jnp.argmin``: index of the first minimum along ``axis`` (int32)."""
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+  at_min = x == x.min(axis=axis, keepdims=True)
+  return jnp.where(at_min, iota, x.shape[axis]).min(axis=axis)
+
+
+def argmax_first(x: jax.Array, axis: int = -1) -> jax.Array:
+  """``jnp.argmax``: index of the first maximum along ``axis`` (int32)."""
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+  at_max = x == x.max(axis=axis, keepdims=True)
+  return jnp.where(at_max, iota, x.shape[axis]).min(axis=axis)
+
+
+def descending_ranks(x: jax.Array) -> jax.Array:
+  """Position of each element of ``x [..., n]`` in a stable descending sort (int32).
+
+  Counts, for each element, the elements that sort before it (larger, or
+  equal with a lower index): one fused ``[..., n, n]`` pass.
+  """
+  n = x.shape[-1]
+  iota = jnp.arange(n)
+  before = (x[..., None, :] > x[..., :, None]) | (
+    (x[..., None, :] == x[..., :, None]) & (iota[None, :] < iota[:, None])
+  )
+  return before.sum(axis=-1, dtype=jnp.int32)
+
+
+def _bitonic_argsort_descending(x: jax.Array) -> jax.Array:
+  """Stable descending argsort of ``x [..., n]`` by a bitonic sorting network.
+
+  ``log2(n) * (log2(n) + 1) / 2`` compare-exchange stages of elementwise code;
+  keys are compared as ``(value, -index)``, a total order, so the result is
+  the stable order.
+  """
+  *batch, n = x.shape
+  size = 1 << max(n - 1, 0).bit_length()
+  pad = [(0, 0)] * len(batch) + [(0, size - n)]
+  key = jnp.pad(x, pad, constant_values=-jnp.inf)
+  idx = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), key.shape)
+  k = 2
+  while k <= size:
+    j = k // 2
+    while j >= 1:
+      shape = (*batch, size // (2 * j), 2, j)
+      key2, idx2 = key.reshape(shape), idx.reshape(shape)
+      k_lo, k_hi = key2[..., 0, :], key2[..., 1, :]
+      i_lo, i_hi = idx2[..., 0, :], idx2[..., 1, :]
+      lo_first = (k_lo > k_hi) | ((k_lo == k_hi) & (i_lo < i_hi))
+      # Blocks alternate direction so that each k-run ends up bitonic-merged.
+      descending = ((jnp.arange(size // (2 * j)) * 2 * j) // k) % 2 == 0
+      swap = lo_first != descending[:, None]
+      key = jnp.stack([jnp.where(swap, k_hi, k_lo), jnp.where(swap, k_lo, k_hi)], -2)
+      idx = jnp.stack([jnp.where(swap, i_hi, i_lo), jnp.where(swap, i_lo, i_hi)], -2)
+      key, idx = key.reshape(*batch, size), idx.reshape(*batch, size)
+      j //= 2
+    k *= 2
+  return idx[..., :n]
+
+
+# Above this length the O(n^2) rank count costs more than a sorting network.
+_RANK_COUNT_MAX = 128
+
+
+def argsort_descending(x: jax.Array) -> jax.Array:
+  """Stable descending argsort of ``x [..., n]`` (ties to the lower index), int32."""
+  n = x.shape[-1]
+  if n > _RANK_COUNT_MAX:
+    return _bitonic_argsort_descending(x)
+  rank = descending_ranks(x)
+  iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
+  return jnp.put_along_axis(jnp.zeros_like(iota), rank, iota, axis=-1, inplace=False)
