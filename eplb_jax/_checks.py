@@ -19,6 +19,8 @@ MODES = ("greedy", "refined")
 
 def check_size(value: object, name: str) -> int:
   """Returns ``value`` as a positive Python int, or raises ``ValueError``."""
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be a static Python int, got bool")
   try:
     size = operator.index(value)
   except TypeError:
@@ -40,16 +42,21 @@ def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Arra
   Raises ``ValueError`` if it is not 2-D or not of a real numeric dtype and,
   when its values are concrete, if any load is negative or not finite.
   """
-  dtype = np.result_type(weight)
+  if not hasattr(weight, "dtype"):
+    try:
+      weight = np.asarray(weight)
+    except ValueError as error:  # ragged nested lists
+      raise ValueError(f"{name} must be a [layers, experts] array: {error}") from None
+  dtype = weight.dtype
   if dtype == np.bool_ or not (
-    np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+    jnp.issubdtype(dtype, np.integer) or jnp.issubdtype(dtype, np.floating)
   ):
     raise ValueError(f"{name} must have an integer or float dtype, got {dtype}")
   if np.ndim(weight) != 2:
     raise ValueError(f"{name} must be 2-D [layers, experts], got shape {np.shape(weight)}")
   if not isinstance(weight, jax.core.Tracer):
-    values = np.asarray(weight)
-    if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(values)):
+    values = np.asarray(weight, np.float32)
+    if not np.all(np.isfinite(values)):
       raise ValueError(f"{name} must be finite, found NaN or inf loads")
     if np.any(values < 0):
       raise ValueError(f"{name} must be non-negative, found negative loads")

@@ -13,6 +13,20 @@ import jax
 import jax.numpy as jnp
 
 
+def sum_last(x: jax.Array) -> jax.Array:
+  """Sum over the last axis, added left to right.
+
+  XLA:CPU's reduction order (and so the float32 rounding) depends on the
+  shape of the whole array; an unrolled chain of adds gives the same bits for
+  a row whatever the batch around it, so results do not depend on how many
+  layers are balanced together (or on which device).
+  """
+  total = x[..., 0]
+  for i in range(1, x.shape[-1]):
+    total = total + x[..., i]
+  return total
+
+
 def argmin_first(x: jax.Array, axis: int = -1) -> jax.Array:
   """``jnp.argmin``: index of the first minimum along ``axis`` (int32)."""
   iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)

@@ -8,10 +8,9 @@ node) and are ``vmap``-ped over rows.
   weight order (stable: ties to the lower index), each into the lightest pack
   that is not full (ties to the lower pack), one ``lax.fori_loop`` step per
   item, float32 loads accumulated in the reference's order.
-* ``refined`` starts from a sorted round-robin: ``g`` rounds, each dealing the
-  next ``m`` heaviest items to the packs ordered lightest first, so it needs
-  ``g`` sequential steps instead of ``n``. Swap refinement then lowers the
-  heaviest packs (:mod:`eplb_jax.refinement`).
+* ``refined`` starts from the greedy packing and lowers its heaviest packs by
+  swap refinement (:mod:`eplb_jax.refinement`), so its heaviest pack is never
+  heavier than the greedy's.
 
 The refinement works on ``slots [m, g]``: row ``p`` lists the items of pack
 ``p``, the column being the item's rank in the pack.
@@ -49,30 +48,8 @@ def greedy_row(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]
 
   zeros_m, zeros_n = jnp.zeros(num_packs, jnp.int32), jnp.zeros(n, jnp.int32)
   init = (jnp.zeros(num_packs, jnp.float32), zeros_m, zeros_n, zeros_n)
-  _, _, pack_of, rank_of = jax.lax.fori_loop(0, n, place, init)
+  _, _, pack_of, rank_of = jax.lax.fori_loop(0, n, place, init, unroll=4)
   return zeros_n.at[order].set(pack_of), zeros_n.at[order].set(rank_of)
-
-
-def round_robin_slots(weight: jax.Array, num_packs: int) -> jax.Array:
-  """Sorted round-robin packing of one row ``[n]`` into ``slots [m, g]``.
-
-  Round ``r`` deals the items ranked ``r * m .. (r + 1) * m - 1`` by weight to
-  the packs in increasing order of their current load, the heaviest item to
-  the lightest pack.
-  """
-  n = weight.shape[0]
-  per_pack = n // num_packs
-  rounds = _ops.argsort_descending(weight).reshape(per_pack, num_packs)
-  round_weights = weight[rounds]
-
-  def deal(r, state):
-    loads, slots = state
-    lightness = _ops.descending_ranks(-loads)  # 0 for the lightest pack
-    slots = slots.at[:, r].set(rounds[r][lightness])
-    return loads + round_weights[r][lightness], slots
-
-  init = (jnp.zeros(num_packs, jnp.float32), jnp.zeros((num_packs, per_pack), jnp.int32))
-  return jax.lax.fori_loop(0, per_pack, deal, init)[1]
 
 
 def slots_to_index(slots: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,9 +63,11 @@ def slots_to_index(slots: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def refined_row(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
-  """Round-robin start plus swap refinement of one row: ``(pack_index, rank_in_pack)``."""
-  slots = refinement.refine_slots(weight, round_robin_slots(weight, num_packs))
-  return slots_to_index(slots)
+  """Greedy packing plus swap refinement of one row: ``(pack_index, rank_in_pack)``."""
+  pack, rank = greedy_row(weight, num_packs)
+  slots = jnp.zeros((num_packs, weight.shape[0] // num_packs), jnp.int32)
+  slots = slots.at[pack, rank].set(jnp.arange(weight.shape[0], dtype=jnp.int32))
+  return slots_to_index(refinement.refine_slots(weight, slots))
 
 
 def pack_rows(weight: jax.Array, num_packs: int, mode: str) -> tuple[jax.Array, jax.Array]:
@@ -112,7 +91,7 @@ def balanced_packing(
     weight: ``[X, n]`` weight of each item; each row is packed independently.
     num_packs: number of packs; must divide ``n``.
     mode: ``"greedy"`` (DeepSeek's placement, exactly) or ``"refined"``
-      (round-robin start plus swap refinement; lower heaviest pack).
+      (greedy plus swap refinement: a heaviest pack no heavier than greedy's).
 
   Returns:
     ``(pack_index, rank_in_pack)``, int32 ``[X, n]``: the pack of each item and

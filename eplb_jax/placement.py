@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from eplb_jax import _checks
+from eplb_jax import _ops
 from eplb_jax import packing
 from eplb_jax import replication
 
@@ -31,6 +32,19 @@ def _inverse(perm: jax.Array) -> jax.Array:
 
 def _take(values: jax.Array, indices: jax.Array) -> jax.Array:
   return jnp.take_along_axis(values, indices, axis=-1)
+
+
+def _node_bound(
+  mlog_load: jax.Array, mlogcnt: jax.Array, num_layers: int, gpus_per_node: int
+) -> jax.Array:
+  """Per layer ``[L]``, a lower bound on the heaviest GPU given each node's replicas.
+
+  ``mlog_load``/``mlogcnt`` are ``[L * nodes, E / nodes]``: a node's GPUs carry
+  its total load, and one of them its largest replica.
+  """
+  node_total = _ops.sum_last(mlog_load) / gpus_per_node
+  largest_replica = (mlog_load / mlogcnt).max(axis=-1)
+  return jnp.maximum(node_total, largest_replica).reshape(num_layers, -1).max(axis=-1)
 
 
 def hierarchical_rows(
@@ -50,19 +64,39 @@ def hierarchical_rows(
 
   # 1. Groups -> nodes. mlog ("node-major logical") numbers the experts node
   # by node, so each node owns a contiguous range of experts_per_node.
-  group_load = weight.reshape(num_layers, num_groups, group_size).sum(-1)
-  group_pack, group_rank = packing.pack_rows(group_load, num_nodes, mode)
-  log2mlog = (
-    ((group_pack * groups_per_node + group_rank) * group_size)[..., None]
-    + jnp.arange(group_size, dtype=jnp.int32)
-  ).reshape(num_layers, num_logical)
-  mlog2log = _inverse(log2mlog)
-
   # 2. Replicas within each node; rows are (layer, node) pairs from here on.
-  mlog_load = _take(weight, mlog2log).reshape(-1, experts_per_node)
-  phy2mlog, phyrank, mlogcnt = replication.replicate_rows(
-    mlog_load, num_physical_experts // num_nodes
-  )
+  group_load = _ops.sum_last(weight.reshape(num_layers, num_groups, group_size))
+
+  def nodes_and_replicas(node_mode):
+    group_pack, group_rank = packing.pack_rows(group_load, num_nodes, node_mode)
+    log2mlog = (
+      ((group_pack * groups_per_node + group_rank) * group_size)[..., None]
+      + jnp.arange(group_size, dtype=jnp.int32)
+    ).reshape(num_layers, num_logical)
+    mlog2log = _inverse(log2mlog)
+    mlog_load = _take(weight, mlog2log).reshape(-1, experts_per_node)
+    replicas = replication.replicate_rows(mlog_load, num_physical_experts // num_nodes)
+    return log2mlog, mlog2log, mlog_load, *replicas
+
+  stage = nodes_and_replicas("greedy")
+  if mode == "refined" and groups_per_node > 1:
+    # A lighter heaviest node does not always mean a lighter heaviest GPU: a
+    # node's GPUs carry at least its average and its largest replica. Keep
+    # the refined group split only for layers where that bound is lower.
+    refined = nodes_and_replicas("refined")
+    bounds = [
+      _node_bound(mlog_load, mlogcnt, num_layers, num_gpus // num_nodes)
+      for _, _, mlog_load, _, _, mlogcnt in (stage, refined)
+    ]
+    use_refined = bounds[1] < bounds[0]
+    stage = jax.tree.map(
+      lambda g, r: jnp.where(
+        jnp.repeat(use_refined, g.shape[0] // num_layers).reshape(-1, *[1] * (g.ndim - 1)), r, g
+      ),
+      stage,
+      refined,
+    )
+  log2mlog, mlog2log, mlog_load, phy2mlog, phyrank, mlogcnt = stage
 
   # 3. Replicas -> GPUs of their node; pphy numbers slots GPU by GPU.
   replica_load = _take(mlog_load / mlogcnt, phy2mlog)

@@ -1,13 +1,20 @@
-"""Swap refinement: lower the heaviest pack by exchanging items with other packs.
+"""Swap refinement: lower the heaviest packs by exchanging items between packs.
 
-Each step looks at the heaviest pack ``h`` and every exchange of one of its
-items ``a`` with an item ``b`` of another pack ``p``. The exchange moves
-``d = w_a - w_b`` from ``h`` to ``p``; its score is the heavier of the two
-packs afterwards, ``max(L_h - d, L_p + d)``. The best-scoring exchange is made
-when that score is below ``L_h``; otherwise no single exchange can lower ``h``
-and the loop stops. This is seed 004's min-max refinement, run in a
-``lax.while_loop`` until it converges instead of for a fixed 50 steps, so the
-heaviest pack never gets heavier and the cost adapts to the input.
+Exchanging item ``a`` of a heavy pack ``h`` with item ``b`` of pack ``p``
+moves ``d = w_a - w_b`` from ``h`` to ``p``; its score is the heavier of the
+two packs afterwards, ``max(L_h - d, L_p + d)``. An exchange is made only if
+its score is below ``L_h``, so the heaviest pack never gets heavier. With a
+single heavy pack scanning every other pack this is seed 004's min-max
+refinement.
+
+To make several exchanges per step at the cost of one such scan, the ``m``
+packs are split into ``k`` groups of consecutive packs, with ``k`` about
+``m / 8``. In each step the heaviest pack of every group (its head) makes its
+best exchange with the other packs of one partner group, the partner group
+rotating from step to step; heads are never partners, so the ``k`` exchanges
+are disjoint. The heaviest pack thus meets every other pack once every ``k``
+steps, and the ``lax.while_loop`` stops when it found no exchange in ``k``
+consecutive steps (for ``k = 1``: in one step), or after ``n`` steps.
 """
 
 from __future__ import annotations
@@ -17,54 +24,76 @@ import jax.numpy as jnp
 
 from eplb_jax import _ops
 
-# An exchange must lower the heaviest pack by more than this fraction of its
+# An exchange must lower the heavy pack by more than this fraction of its
 # load, so that float32 rounding cannot make the loop cycle.
 _REL_TOL = 1e-6
 
-
-def _swap(x: jax.Array, at_a: jax.Array, at_b: jax.Array, apply: jax.Array) -> jax.Array:
-  """Exchanges the single entries of ``x`` marked by the masks ``at_a`` and ``at_b``.
-
-  Dense selects and sums: on XLA:CPU they are several times cheaper inside a
-  loop than the equivalent gather and scatter.
-  """
-  x_a = jnp.where(at_a, x, 0).sum()
-  x_b = jnp.where(at_b, x, 0).sum()
-  return jnp.where(at_a & apply, x_b, jnp.where(at_b & apply, x_a, x))
+# About this many packs per group: each step then scans about one pack's worth
+# of exchanges per item of a heavy pack, whatever the number of packs.
+_PACKS_PER_GROUP = 8
 
 
-def _heaviest_step(slots: jax.Array, items: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Makes the best exchange between the heaviest pack and any other pack.
+def num_groups(num_packs: int) -> int:
+  """The largest divisor of ``num_packs`` that is at most ``num_packs / 8`` (at least 1)."""
+  target = max(1, num_packs // _PACKS_PER_GROUP)
+  return max(k for k in range(1, target + 1) if num_packs % k == 0)
+
+
+def _step(step: jax.Array, slots: jax.Array, items: jax.Array):
+  """One round of disjoint exchanges, each group head with its partner group.
 
   Args:
-    slots: ``[m, g]`` item indices of each pack.
-    items: ``[m, g]`` their weights.
+    step: the step number; selects the partner groups.
+    slots: ``[k, r, g]`` item indices, pack ``p = j * r + i`` at ``[j, i]``.
+    items: ``[k, r, g]`` their weights.
 
   Returns:
-    The new ``(slots, items)`` and whether an exchange was made.
+    The new ``(slots, items)`` and whether the heaviest pack made an exchange.
   """
-  num_packs, per_pack = slots.shape
-  loads = items.sum(axis=1)
-  heavy_load = loads.max()
-  is_heavy = jnp.arange(num_packs) == _ops.argmax_first(loads)
-  heavy_items = jnp.where(is_heavy[:, None], items, 0).sum(axis=0)  # [g]
-  # Exchanging item a of the heaviest pack with item b (of pack p) leaves the
-  # heavier of the two packs at max(L_h - w_a + w_b, L_p - w_b + w_a). Scores
-  # are laid out [g, n], the long axis last, and reduced in two stages (best
-  # b for each a, then the best a), which XLA:CPU vectorises well.
-  other = items.reshape(-1)  # [n], pack-major
-  other_rest = jnp.where(is_heavy[:, None], jnp.inf, loads[:, None] - items).reshape(-1)
-  heavy_rest = heavy_load - heavy_items
+  groups, rows, per_pack = items.shape
+  loads = _ops.sum_last(items)  # [k, r]
+  head_row = _ops.argmax_first(loads)  # [k]
+  is_head = jnp.arange(rows) == head_row[:, None]
+  head_load = loads.max(axis=-1)
+  head_items = jnp.where(is_head[..., None], items, 0).sum(axis=1)  # [k, g]
+
+  # Head j exchanges with group partner[j]; group i hears from head source[i].
+  group_ids = jnp.arange(groups)
+  partner = (group_ids + step) % groups
+  source = (group_ids - step) % groups
+  partner_items = items[partner].reshape(groups, -1)  # [k, r * g]
+  rest = jnp.where(is_head, jnp.inf, loads)[..., None] - items  # heads are no partners
+  partner_rest = rest[partner].reshape(groups, -1)
+
+  # The exchange of head item a and partner item b leaves the heavier pack at
+  # max(L_h - w_a + w_b, L_p - w_b + w_a). Scores are laid out [k, g, r * g],
+  # the long axis last, and reduced in two stages (best b for each a, then the
+  # best a), which XLA:CPU vectorises well.
+  head_rest = head_load[:, None] - head_items
   score_a = jnp.maximum(
-    heavy_rest[:, None] + other[None, :], other_rest[None, :] + heavy_items[:, None]
-  ).min(axis=1)
-  a = _ops.argmin_first(score_a)
-  at_a = is_heavy[:, None] & (jnp.arange(per_pack) == a)
-  item_a = jnp.where(at_a, items, 0).sum()
-  b = _ops.argmin_first(jnp.maximum(heavy_load - item_a + other, other_rest + item_a))
-  at_b = (jnp.arange(slots.size) == b).reshape(slots.shape)
-  improves = score_a.min() < heavy_load * (1 - _REL_TOL)
-  return _swap(slots, at_a, at_b, improves), _swap(items, at_a, at_b, improves), improves
+    head_rest[:, :, None] + partner_items[:, None, :],
+    partner_rest[:, None, :] + head_items[:, :, None],
+  ).min(axis=-1)  # [k, g]
+  a = _ops.argmin_first(score_a)  # [k]
+  item_a = jnp.take_along_axis(head_items, a[:, None], axis=1)
+  b = _ops.argmin_first(
+    jnp.maximum(head_load[:, None] - item_a + partner_items, partner_rest + item_a)
+  )  # [k], an index into r * g
+  improves = score_a.min(axis=-1) < head_load * (1 - _REL_TOL)
+
+  slot_ids = jnp.arange(per_pack)
+  at_a = (is_head & improves[:, None])[..., None] & (slot_ids == a[:, None, None])
+  b_source = b[source]  # the slot of group i that its source head takes
+  at_b = (jnp.arange(rows) == (b_source // per_pack)[:, None]) & improves[source][:, None]
+  at_b = at_b[..., None] & (slot_ids == (b_source % per_pack)[:, None, None])
+
+  def exchange(x):
+    x_a = jnp.take_along_axis(jnp.where(is_head[..., None], x, 0).sum(axis=1), a[:, None], 1)
+    x_b = jnp.take_along_axis(x.reshape(groups, -1)[partner], b[:, None], axis=1)
+    return jnp.where(at_a, x_b[:, :, None], jnp.where(at_b, x_a[source][:, :, None], x))
+
+  heaviest = _ops.argmax_first(head_load)
+  return exchange(slots), exchange(items), improves[heaviest]
 
 
 def refine_slots(weight: jax.Array, slots: jax.Array) -> jax.Array:
@@ -76,15 +105,20 @@ def refine_slots(weight: jax.Array, slots: jax.Array) -> jax.Array:
 
   Returns:
     ``[m, g]`` refined slots: the same items regrouped, the heaviest pack no
-    heavier than before. At most ``n`` exchanges are made.
+    heavier than before.
   """
+  num_packs, per_pack = slots.shape
+  groups = num_groups(num_packs)
+  shape = (groups, num_packs // groups, per_pack)
 
   def cond(state):
-    count, _, _, improved = state
-    return (count < slots.size) & improved
+    count, _, _, idle = state
+    return (count < slots.size) & (idle < groups)
 
   def body(state):
-    count, slots, items, _ = state
-    return count + 1, *_heaviest_step(slots, items)
+    count, slots, items, idle = state
+    slots, items, progress = _step(count, slots, items)
+    return count + 1, slots, items, jnp.where(progress, 0, idle + 1)
 
-  return jax.lax.while_loop(cond, body, (0, slots, weight[slots], True))[1]
+  init = (0, slots.reshape(shape), weight[slots].reshape(shape), 0)
+  return jax.lax.while_loop(cond, body, init)[1].reshape(num_packs, per_pack)

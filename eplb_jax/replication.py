@@ -3,21 +3,99 @@
 DeepSeek's greedy adds one replica at a time to the expert whose per-replica
 load ``w_e / cnt_e`` is largest (ties to the lower expert index). Because
 ``w_e / c`` decreases in ``c``, the sequence of picks is the merge of the
-per-expert sequences ``w_e / 1, w_e / 2, ...``: the first ``R`` picks are the
-``R`` largest candidates ``w_e / c`` (``c = 1..R``), in descending order. One
-``lax.top_k`` therefore replaces the ``R``-step loop, with identical results:
-the candidates are laid out expert-major, and ``top_k`` breaks ties towards the
-lower index, i.e. the lower expert and then the lower ``c``, like argmax.
+per-expert sequences ``w_e / 1, w_e / 2, ...``: the ``R`` redundant slots go to
+the ``R`` largest candidates ``w_e / c`` (``c = 1..R``), ordered by value, then
+expert, then ``c``. No loop over the ``R`` picks is needed:
 
-This greedy minimises the largest per-replica load, so both modes use it.
+* on accelerators one ``lax.top_k`` over the ``[E * R]`` candidates, laid out
+  expert-major, finds them (``top_k`` breaks ties towards the lower index);
+* on CPU, where ``top_k`` of many candidates is slow, a bisection finds
+  the ``R``-th largest candidate value in 31 steps over ``[E]``, which fixes
+  how many picks each expert gets; the picks are then ordered by a rank count.
+
+Both give the reference's result exactly, float32 division included. The
+greedy minimises the largest per-replica load, so both modes use it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from eplb_jax import _checks
+from eplb_jax import _ops
+
+
+def _picks_top_k(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.Array]:
+  """The greedy's picks for one row ``[E]``: expert and ``c`` of each, in order, ``[R]``."""
+  # XLA rewrites a division by anything it can see is constant along a
+  # dimension into a multiplication by the inverse, which does not round like
+  # the reference's division. Adding 0 * w (exactly 0: loads are finite and
+  # non-negative here) makes the divisor depend on the loads, so it is kept.
+  counts = jnp.arange(1, num_redundant + 1, dtype=jnp.float32) + 0 * weight[:, None]
+  candidates = weight[:, None] / counts
+  _, picks = jax.lax.top_k(candidates.reshape(-1), num_redundant)
+  return picks // num_redundant, picks % num_redundant + 1
+
+
+def _count_at_least(weight: jax.Array, threshold: jax.Array, limit: int) -> jax.Array:
+  """Per expert, how many ``c`` in ``1..limit`` have ``fl(w / c) >= threshold``.
+
+  ``fl(w / c)`` decreases with ``c``, so this is the largest such ``c``: an
+  estimate from ``w / threshold``, corrected by one step either way with the
+  exact float32 quotients.
+  """
+  estimate = jnp.floor(weight / threshold)
+  count = jnp.clip(jnp.where(jnp.isfinite(estimate), estimate, limit), 0, limit)
+  count = jnp.where((count < limit) & (weight / (count + 1) >= threshold), count + 1, count)
+  count = jnp.where((count > 0) & (weight / jnp.maximum(count, 1) < threshold), count - 1, count)
+  return count.astype(jnp.int32)
+
+
+def _picks_bisection(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.Array]:
+  """Same result as :func:`_picks_top_k`, with work linear in ``E``."""
+  num_log = weight.shape[0]
+
+  def count_at_least(bits):
+    return _count_at_least(weight, jax.lax.bitcast_convert_type(bits, jnp.float32), num_redundant)
+
+  # Non-negative float32 values order like their bit patterns. Invariant:
+  # at least R candidates are >= float(lo), fewer than R are >= float(hi).
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = count_at_least(mid).sum() >= num_redundant
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  top = jax.lax.bitcast_convert_type(weight.max(), jnp.int32) + 1
+  threshold, _ = jax.lax.fori_loop(0, 32, halve, (jnp.int32(0), top))
+  above = count_at_least(threshold + 1)  # candidates strictly above the R-th
+  tied = count_at_least(threshold) - above
+  # Candidates equal to the R-th go to the lower experts first.
+  missing = num_redundant - above.sum()
+  taken = jnp.clip(missing - (jnp.cumsum(tied) - tied), 0, tied)
+  extra = above + taken  # [E], sums to R
+
+  # List the picks expert by expert, then order them by value (stable).
+  expert = jnp.repeat(jnp.arange(num_log), extra, total_repeat_length=num_redundant)
+  first = jnp.cumsum(extra) - extra
+  c = jnp.arange(num_redundant) - first[expert] + 1
+  order = _ops.argsort_descending(weight[expert] / c.astype(jnp.float32))
+  return expert[order], c[order]
+
+
+# On CPU, top_k up to this many candidates per row is still faster than bisection.
+_CPU_TOP_K_MAX_CANDIDATES = 4096
+
+
+def _picks(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.Array]:
+  top_k = functools.partial(_picks_top_k, num_redundant=num_redundant)
+  if weight.shape[0] * num_redundant <= _CPU_TOP_K_MAX_CANDIDATES:
+    return top_k(weight)
+  bisection = functools.partial(_picks_bisection, num_redundant=num_redundant)
+  return jax.lax.platform_dependent(weight, cpu=bisection, default=top_k)
 
 
 def replicate_rows(weight: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -27,17 +105,12 @@ def replicate_rows(weight: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Arra
   identity = jnp.broadcast_to(jnp.arange(num_log, dtype=jnp.int32), (rows, num_log))
   if num_redundant == 0:
     return identity, jnp.zeros_like(identity), jnp.ones_like(identity)
-  # candidates[x, e, c - 1] = w_e / c: the load per replica before adding
-  # replica c + 1 (same float32 division as the reference's weight / logcnt).
-  counts = jnp.arange(1, num_redundant + 1, dtype=jnp.float32)
-  candidates = (weight[:, :, None] / counts).reshape(rows, -1)
-  _, picks = jax.lax.top_k(candidates, num_redundant)
-  expert = (picks // num_redundant).astype(jnp.int32)
-  rank = (picks % num_redundant + 1).astype(jnp.int32)
+  expert, rank = jax.vmap(functools.partial(_picks, num_redundant=num_redundant))(weight)
+  expert, rank = expert.astype(jnp.int32), rank.astype(jnp.int32)
   phy2log = jnp.concatenate([identity, expert], axis=1)
   phyrank = jnp.concatenate([jnp.zeros_like(identity), rank], axis=1)
-  extra = jax.nn.one_hot(expert, num_log, dtype=jnp.int32).sum(axis=1)
-  return phy2log, phyrank, 1 + extra
+  logcnt = jnp.ones_like(identity).at[jnp.arange(rows)[:, None], expert].add(1)
+  return phy2log, phyrank, logcnt
 
 
 def replicate_experts(
