@@ -1,0 +1,161 @@
+"""Properties every placement must have, for random configurations and both modes."""
+
+from __future__ import annotations
+
+import chex
+import numpy as np
+import pytest
+from conftest import config_id
+from conftest import random_configs
+
+import eplb_jax
+from eplb_jax import metrics
+from eplb_jax import workloads
+
+MODES = ("greedy", "refined")
+
+
+CONFIGS = [
+  *random_configs(8, seed=2024),
+  (2, 8, 8, 4, 2, 4),  # no redundant slot
+  (1, 8, 12, 4, 2, 12),  # one slot per GPU
+  (2, 16, 24, 4, 4, 4),  # one GPU per node
+]
+
+
+def _load_sets(num_layers: int, num_experts: int, seed: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {
+    "skewed": workloads.skewed_loads(num_layers, num_experts, seed=seed),
+    "tied": rng.integers(0, 6, size=(num_layers, num_experts)).astype(np.int32),
+    "one-hot": np.eye(num_layers, num_experts, dtype=np.float32) * 100.0,
+    "zero": np.zeros((num_layers, num_experts), np.float32),
+  }
+
+
+def _check_hierarchy(phy2log, num_experts, num_replicas, num_groups, num_nodes) -> None:
+  """Each group's experts, and all their replicas, live on one node; nodes get equal groups."""
+  phy2log = np.asarray(phy2log)
+  num_layers, _ = phy2log.shape
+  node_of_slot = np.arange(num_replicas) // (num_replicas // num_nodes)
+  for layer in range(num_layers):
+    experts = phy2log[layer]
+    node_of_expert = np.full(num_experts, -1)
+    node_of_expert[experts] = node_of_slot
+    # All replicas of an expert sit on the node that the scatter kept.
+    np.testing.assert_array_equal(node_of_expert[experts], node_of_slot)
+    by_group = node_of_expert.reshape(num_groups, -1)
+    assert np.all(by_group == by_group[:, :1]), f"layer {layer}: groups split over nodes"
+    np.testing.assert_array_equal(
+      np.bincount(by_group[:, 0], minlength=num_nodes), num_groups // num_nodes
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_valid_placement(config, mode, assert_valid_placement):
+  num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus = config
+  sizes = (num_replicas, num_groups, num_nodes, num_gpus)
+  for seed in range(2):
+    for kind, weight in _load_sets(num_layers, num_experts, seed).items():
+      phy2log, log2phy, logcnt = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
+      try:
+        assert_valid_placement(phy2log, log2phy, logcnt, num_experts, num_replicas, num_layers)
+        if num_groups % num_nodes == 0:
+          _check_hierarchy(phy2log, num_experts, num_replicas, num_groups, num_nodes)
+      except AssertionError as error:
+        raise AssertionError(f"{kind} loads, seed {seed}") from error
+
+
+def _peaks(weight, sizes, mode):
+  phy2log, _, logcnt = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
+  return np.asarray(metrics.gpu_loads(weight, phy2log, logcnt, sizes[-1])).max(-1)
+
+
+@pytest.mark.parametrize("config", [*CONFIGS, (2, 12, 15, 4, 1, 3)], ids=config_id)
+def test_refined_never_above_greedy_on_a_layer(config):
+  """Refinement starts from the greedy packing and never raises its heaviest pack.
+
+  So refined's heaviest GPU is at most greedy's on every layer whenever both
+  use the same groups-to-nodes split: the global policy, or one group per node.
+  """
+  num_layers, num_experts, *sizes = config
+  num_groups, num_nodes = sizes[1], sizes[2]
+  if num_groups % num_nodes == 0 and num_groups > num_nodes:
+    pytest.skip("refined may pick another groups-to-nodes split")
+  for seed in range(3):
+    weight = workloads.skewed_loads(num_layers, num_experts, seed=seed, sigma=1.5)
+    greedy, refined = (_peaks(weight, sizes, mode) for mode in MODES)
+    assert np.all(refined <= greedy * (1 + 1e-6)), (seed, greedy, refined)
+
+
+@pytest.mark.parametrize("config", random_configs(12, seed=7), ids=config_id)
+def test_refined_at_least_as_balanced_as_greedy(config):
+  """Balancedness (the mean over layers) of refined is at least greedy's."""
+  num_layers, num_experts, *sizes = config
+  weight = workloads.skewed_loads(4 * num_layers, num_experts, seed=1, sigma=1.5)
+  balance = {}
+  for mode in MODES:
+    phy2log, _, logcnt = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
+    balance[mode] = metrics.balancedness(metrics.gpu_loads(weight, phy2log, logcnt, sizes[-1]))
+  assert balance["refined"] >= balance["greedy"] - 1e-6, balance
+
+
+def test_refined_beats_greedy_on_a_skewed_global_workload():
+  """The refinement is not a no-op: it strictly lowers the heaviest GPU somewhere."""
+  weight = workloads.skewed_loads(8, 64, seed=0)
+  sizes = (80, 1, 2, 16)
+  greedy, refined = (_peaks(weight, sizes, mode) for mode in MODES)
+  assert np.all(refined <= greedy * (1 + 1e-6))
+  assert refined.mean() < greedy.mean() * (1 - 1e-3), (greedy, refined)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(3, 12, 4), (2, 8, 8), (2, 6, 1), (4, 20, 5)], ids=str)
+def test_balanced_packing(shape, mode):
+  rows, items, num_packs = shape
+  weight = workloads.skewed_loads(rows, items, seed=7)
+  pack, rank = (np.asarray(a) for a in eplb_jax.balanced_packing(weight, num_packs, mode=mode))
+  assert pack.dtype == rank.dtype == np.int32
+  assert pack.shape == rank.shape == (rows, items)
+  per_pack = items // num_packs
+  for row in range(rows):
+    # Every (pack, rank) position is used by exactly one item.
+    np.testing.assert_array_equal(
+      np.sort(pack[row] * per_pack + rank[row]), np.arange(items), err_msg=f"row {row}"
+    )
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 16), (2, 5, 5), (2, 6, 20), (1, 1, 4)], ids=str)
+def test_replicate_experts(shape):
+  rows, num_log, num_phy = shape
+  weight = workloads.skewed_loads(rows, num_log, seed=3)
+  phy2log, rank, logcnt = (np.asarray(a) for a in eplb_jax.replicate_experts(weight, num_phy))
+  assert phy2log.dtype == rank.dtype == logcnt.dtype == np.int32
+  assert phy2log.shape == rank.shape == (rows, num_phy)
+  for row in range(rows):
+    np.testing.assert_array_equal(phy2log[row, :num_log], np.arange(num_log))
+    np.testing.assert_array_equal(np.bincount(phy2log[row], minlength=num_log), logcnt[row])
+    # The replicas of each expert are ranked 0 .. logcnt - 1.
+    order = np.lexsort((rank[row], phy2log[row]))
+    expected_rank = np.concatenate([np.arange(c) for c in logcnt[row]])
+    np.testing.assert_array_equal(rank[row][order], expected_rank)
+  # The largest per-replica load is no larger than any other split could make it:
+  # moving one replica from the expert with the smallest w/(c-1) cannot help.
+  per_replica = weight / logcnt
+  donors = np.where(logcnt > 1, weight / np.maximum(logcnt - 1, 1), np.inf)
+  assert np.all(per_replica.max(-1) <= donors.min(-1) * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layers_do_not_depend_on_the_batch(mode):
+  """A layer's placement is the same whatever other layers are balanced with it.
+
+  Sharded calls (each device balancing its own layers) rely on this; float
+  sums whose rounding depends on the batch shape would break it.
+  """
+  weight = workloads.skewed_loads(24, 384, seed=3)
+  sizes = (448, 1, 8, 64)
+  whole = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
+  parts = [eplb_jax.rebalance_experts(weight[i : i + 8], *sizes, mode=mode) for i in (0, 8, 16)]
+  chex.assert_trees_all_equal(whole, tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
