@@ -128,7 +128,8 @@ def _hierarchical_jit(weight, num_physical_experts, num_groups, num_nodes, num_g
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _rebalance_jit(weight, num_replicas, num_groups, num_nodes, num_gpus, mode):
+def rebalance_jit(weight, num_replicas, num_groups, num_nodes, num_gpus, mode):
+  """Unchecked, jitted core of :func:`eplb_jax.rebalance_experts` (float32 ``weight``)."""
   if num_groups % num_nodes:
     num_groups, num_nodes = 1, 1
   phy2log, phyrank, logcnt = hierarchical_rows(
@@ -217,42 +218,18 @@ def rebalance_experts_hierarchical(
   return _hierarchical_jit(weight, num_physical_experts, num_groups, num_nodes, num_gpus, mode)
 
 
-def rebalance_experts(
+def check_rebalance_args(
   weight: jax.typing.ArrayLike,
   num_replicas: int,
   num_groups: int,
   num_nodes: int,
   num_gpus: int,
-  *,
-  mode: str = "refined",
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Expert-parallelism load balancer: DeepSeek's ``rebalance_experts`` in JAX.
-
-  Uses the hierarchical policy when ``num_groups % num_nodes == 0`` and the
-  global one (a single group and node) otherwise. Sizes are static Python
-  ints; ``weight`` may be traced, and a new ``weight`` never retraces.
-
-  Under ``jax.jit`` negative, NaN and infinite loads count as 0; called
-  eagerly they raise ``ValueError``.
-
-  Args:
-    weight: ``[L, E]`` load statistics of each logical expert, int or float.
-    num_replicas: ``P``, physical expert slots; a multiple of ``num_gpus``, ``>= E``.
-    num_groups: expert groups (the hierarchical path needs ``E % num_groups == 0``).
-    num_nodes: server nodes; ``num_gpus`` must be a multiple of it.
-    num_gpus: GPUs in total.
-    mode: ``"refined"`` (default: greedy start plus swap refinement, better
-      balanced) or ``"greedy"`` (DeepSeek's placement exactly).
-
-  Returns:
-    ``(phy2log, log2phy, logcnt)``, int32: ``phy2log [L, P]`` the logical
-    expert of each physical slot (``P / num_gpus`` consecutive slots per GPU),
-    ``log2phy [L, E, P - E + 1]`` the slots of each expert, -1 padded, and
-    ``logcnt [L, E]`` the number of replicas of each expert.
-  """
+  mode: str,
+) -> tuple[jax.Array, int, int, int, int, str]:
+  """Validates the arguments of :func:`eplb_jax.rebalance_experts` (either policy)."""
   weight, num_replicas, num_groups, num_nodes, num_gpus, mode = _check_config(
     weight, num_replicas, num_groups, num_nodes, num_gpus, mode, "num_replicas"
   )
   if num_groups % num_nodes == 0:
     _check_hierarchy(weight.shape[1], num_groups, num_nodes)
-  return _rebalance_jit(weight, num_replicas, num_groups, num_nodes, num_gpus, mode)
+  return weight, num_replicas, num_groups, num_nodes, num_gpus, mode
