@@ -24,8 +24,8 @@ import numpy as np
 
 from eplb_jax import _checks
 from eplb_jax import metrics
-from eplb_jax import placement
 from eplb_jax import workloads
+from eplb_jax.api import rebalance_experts
 
 DEFAULT_SHAPE = "deepseek-v3-prefill"
 INPUT_FORMATS = (".npy", ".npz", ".json", ".csv")
@@ -114,7 +114,7 @@ def _timed_rebalance(weight: np.ndarray, shape: workloads.Shape, mode: str):
   times = []
   for _ in range(2):
     start = time.perf_counter()
-    maps = jax.block_until_ready(placement.rebalance_experts(weight, *shape.sizes, mode=mode))
+    maps = jax.block_until_ready(rebalance_experts(weight, *shape.sizes, mode=mode))
     times.append(1e3 * (time.perf_counter() - start))
   return maps, times
 

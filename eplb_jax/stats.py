@@ -1,0 +1,130 @@
+"""Expert load statistics: what the balancer balances, recorded inside the step.
+
+:func:`expert_counts` turns the router's top-k expert ids into per-expert
+token counts. Two small pytree states accumulate them across steps, as the
+load recorders of vLLM and SGLang do:
+
+* :class:`WindowState`: the sum over the last ``W`` steps (a ring buffer);
+* :class:`EmaState`: an exponential moving average.
+
+Every function is pure and jit-friendly: sizes are static, values may be
+traced, and states keep their shapes and dtypes across updates.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from eplb_jax import _checks
+
+
+def expert_counts(
+  expert_ids: jax.Array,
+  num_experts: int,
+  *,
+  mask: jax.Array | None = None,
+  dtype: jnp.dtype = jnp.int32,
+) -> jax.Array:
+  """Counts how many (token, choice) pairs the router sent to each expert.
+
+  Args:
+    expert_ids: ``[..., tokens, k]`` integer top-k expert ids, e.g.
+      ``[tokens, k]`` for one layer or ``[layers, tokens, k]``. Ids outside
+      ``[0, num_experts)`` (e.g. -1 for dropped choices) are not counted.
+    num_experts: ``E``, the number of logical experts (static).
+    mask: optional ``[..., tokens]`` per-token weight, broadcastable to
+      ``expert_ids.shape[:-1]``: boolean (``False`` for padding tokens) or
+      numeric (each choice of the token counts ``mask``, cast to ``dtype``).
+    dtype: dtype of the counts (``int32`` or ``float32``).
+
+  Returns:
+    ``[..., E]`` counts: ``[E]`` for one layer, ``[layers, E]`` with a
+    leading layer axis.
+  """
+  num_experts = _checks.check_size(num_experts, "num_experts")
+  if expert_ids.ndim < 2:
+    raise ValueError(f"expert_ids must be [..., tokens, k], got shape {expert_ids.shape}")
+  batch = expert_ids.shape[:-2]
+  ids = expert_ids.reshape(-1, expert_ids.shape[-2] * expert_ids.shape[-1])
+  if mask is None:
+    amount = jnp.ones(ids.shape, dtype)
+  else:
+    per_token = jnp.broadcast_to(mask, expert_ids.shape[:-1]).astype(dtype)
+    amount = jnp.broadcast_to(per_token[..., None], expert_ids.shape).reshape(ids.shape)
+  rows = jnp.arange(ids.shape[0], dtype=jnp.int32)[:, None]
+  # Negative ids would wrap around in a scatter: send them out of bounds too.
+  ids = jnp.where(ids < 0, num_experts, ids)
+  counts = jnp.zeros((ids.shape[0], num_experts), dtype).at[rows, ids].add(amount, mode="drop")
+  return counts.reshape(*batch, num_experts)
+
+
+class WindowState(NamedTuple):
+  """Per-step counts of the last ``W`` steps.
+
+  Attributes:
+    counts: ``[W, ...]`` ring buffer (e.g. ``[W, layers, E]``); row
+      ``step % W`` holds the counts recorded at ``step``, zeros before.
+    step: int32 scalar, the number of steps recorded so far.
+  """
+
+  counts: jax.Array
+  step: jax.Array
+
+
+def window_init(window: int, shape: tuple[int, ...], dtype: jnp.dtype = jnp.int32) -> WindowState:
+  """An empty window of ``window`` steps of counts of ``shape`` (e.g. ``(layers, E)``)."""
+  window = _checks.check_size(window, "window")
+  return WindowState(jnp.zeros((window, *shape), dtype), jnp.zeros((), jnp.int32))
+
+
+def window_update(state: WindowState, counts: jax.Array) -> WindowState:
+  """Records one step's ``counts`` (shape ``state.counts.shape[1:]``), overwriting the oldest."""
+  index = state.step % state.counts.shape[0]
+  buffer = jax.lax.dynamic_update_index_in_dim(
+    state.counts, counts.astype(state.counts.dtype), index, axis=0
+  )
+  return WindowState(buffer, state.step + 1)
+
+
+def window_load(state: WindowState) -> jax.Array:
+  """Total counts over the last ``min(step, W)`` recorded steps, e.g. ``[layers, E]``."""
+  return state.counts.sum(axis=0)
+
+
+class EmaState(NamedTuple):
+  """Exponential moving average of per-step counts.
+
+  Attributes:
+    average: float32 ``[...]`` (e.g. ``[layers, E]``), the average before
+      bias correction (it starts at zero).
+    step: int32 scalar, the number of steps recorded so far.
+    decay: float32 scalar in ``[0, 1)``, the weight of the past at each step.
+  """
+
+  average: jax.Array
+  step: jax.Array
+  decay: jax.Array
+
+
+def ema_init(shape: tuple[int, ...], decay: float) -> EmaState:
+  """An empty average of counts of ``shape``; ``decay`` a Python float in ``[0, 1)``."""
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+  return EmaState(
+    jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.int32), jnp.asarray(decay, jnp.float32)
+  )
+
+
+def ema_update(state: EmaState, counts: jax.Array) -> EmaState:
+  """Folds one step's ``counts`` in: ``average <- decay * average + (1 - decay) * counts``."""
+  average = state.decay * state.average + (1.0 - state.decay) * counts.astype(jnp.float32)
+  return EmaState(average, state.step + 1, state.decay)
+
+
+def ema_load(state: EmaState) -> jax.Array:
+  """The bias-corrected average ``average / (1 - decay**step)``; zeros before any step."""
+  correction = 1.0 - state.decay ** state.step.astype(jnp.float32)
+  return jnp.where(state.step > 0, state.average / jnp.where(state.step > 0, correction, 1.0), 0.0)

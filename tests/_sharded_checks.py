@@ -1,0 +1,260 @@
+"""Checks that need 8 devices, run in a subprocess by the test files.
+
+The main pytest process keeps one CPU device, so tests on a mesh call
+:func:`run_checks`, which runs
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_sharded_checks.py GROUP``:
+that runs every check of ``GROUP`` and prints one JSON object
+``{check name: "ok" or the failure}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import eplb_jax
+from eplb_jax import sharding
+from eplb_jax import weights
+from eplb_jax import workloads
+
+XLA_FLAGS = "--xla_force_host_platform_device_count=8"
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+# (num_replicas, num_groups, num_nodes, num_gpus): hierarchical, then global.
+CONFIGS = ((24, 4, 2, 8), (20, 3, 2, 4))
+CHECKS: dict[str, dict] = {"sharding": {}, "weights": {}}
+
+
+def check(group: str):
+  def register(fn):
+    CHECKS[group][fn.__name__] = fn
+    return fn
+
+  return register
+
+
+def auto_mesh(shape, names):
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def explicit_mesh(shape, names):
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Explicit,) * len(shape))
+
+
+def loads(num_layers=16, num_experts=16, seed=0):
+  return workloads.skewed_loads(num_layers, num_experts, seed=seed)
+
+
+def assert_sharded_like(outputs, mesh, layer_axis):
+  expected = NamedSharding(mesh, P(layer_axis))
+  for out in outputs:
+    assert out.sharding.is_equivalent_to(expected, out.ndim), (out.sharding, expected)
+    assert out.sharding.spec[0] == layer_axis, out.sharding.spec
+
+
+# (mesh, layer_axis, index into CONFIGS, mode); compilation dominates the run
+# time, so each case compiles one configuration.
+CASES = (
+  (lambda: auto_mesh((8,), ("x",)), "x", 0, "refined"),
+  (lambda: explicit_mesh((8,), ("x",)), "x", 1, "greedy"),
+  (lambda: auto_mesh((2, 4), ("a", "x")), "x", 1, "greedy"),
+  (lambda: explicit_mesh((2, 4), ("a", "x")), ("a", "x"), 0, "refined"),
+)
+
+
+@check("sharding")
+def equal_to_unsharded_without_collectives():
+  weight = loads()
+  expected = {
+    (config, mode): eplb_jax.rebalance_experts(weight, *CONFIGS[config], mode=mode)
+    for _, _, config, mode in CASES
+  }
+  for make, axis, config, mode in CASES:
+    mesh = make()
+
+    def fn(w, mesh=mesh, axis=axis, config=config, mode=mode):
+      return eplb_jax.rebalance_experts(w, *CONFIGS[config], mode=mode, mesh=mesh, layer_axis=axis)
+
+    # Replicated and already-sharded inputs alike compile to device-local code.
+    args = [weight]
+    if config == 0:
+      args.append(jax.device_put(weight, NamedSharding(mesh, P(axis))))
+    for arg in args:
+      compiled = jax.jit(fn).lower(arg).compile()
+      found = [name for name in COLLECTIVES if name in compiled.as_text()]
+      assert not found, (mesh, axis, found)
+      got = compiled(arg)
+      chex.assert_trees_all_equal(got, expected[config, mode])
+      assert_sharded_like(got, mesh, axis)
+    if isinstance(axis, tuple):
+      got = fn(weight)  # eagerly
+      chex.assert_trees_all_equal(got, expected[config, mode])
+      assert_sharded_like(got, mesh, axis)
+
+
+@check("sharding")
+def migration_sharded_like_unsharded():
+  mesh = auto_mesh((8,), ("x",))
+  sizes = CONFIGS[0]
+  previous = eplb_jax.rebalance_experts(loads(seed=4), *sizes)[0]
+  weight = loads(seed=5)
+  expected = eplb_jax.rebalance_experts(weight, *sizes, previous_phy2log=previous)
+  fn = jax.jit(
+    lambda w, p: eplb_jax.rebalance_experts(
+      *(w, *sizes), previous_phy2log=p, mesh=mesh, layer_axis="x"
+    )
+  )
+  compiled = fn.lower(weight, previous).compile()
+  found = [name for name in COLLECTIVES if name in compiled.as_text()]
+  assert not found, found
+  got = compiled(weight, previous)
+  chex.assert_trees_all_equal(got, expected)
+  assert_sharded_like(got, mesh, "x")
+
+
+@check("sharding")
+def no_retrace_with_new_loads():
+  mesh = auto_mesh((8,), ("x",))
+  sizes = CONFIGS[0]
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def fn(w):
+    return eplb_jax.rebalance_experts(w, *sizes, mesh=mesh, layer_axis="x")
+
+  for seed in range(3):
+    weight = loads(seed=seed)
+    chex.assert_trees_all_equal(fn(weight), eplb_jax.rebalance_experts(weight, *sizes))
+  # Eager calls reuse one compiled program too.
+  before = sharding.shard_layers._cache_size()
+  for seed in range(3, 6):
+    eplb_jax.rebalance_experts(loads(seed=seed), *sizes, mesh=mesh, layer_axis="x")
+  assert sharding.shard_layers._cache_size() <= before + 1
+
+
+@check("sharding")
+def sharded_weight_without_mesh():
+  mesh = auto_mesh((8,), ("x",))
+  weight = loads(seed=2)
+  presharded = jax.device_put(weight, NamedSharding(mesh, P("x")))
+  sizes = CONFIGS[0]
+  expected = eplb_jax.rebalance_experts(weight, *sizes)
+  fn = jax.jit(lambda w: eplb_jax.rebalance_experts(w, *sizes))
+  chex.assert_trees_all_equal(fn(presharded), expected)
+  chex.assert_trees_all_equal(eplb_jax.rebalance_experts(presharded, *sizes), expected)
+
+
+@check("sharding")
+def bad_mesh_arguments():
+  mesh = auto_mesh((2, 4), ("a", "x"))
+  weight = loads(num_layers=6)
+  cases = (
+    (dict(mesh=mesh, layer_axis="y"), "layer_axis"),
+    (dict(mesh=mesh, layer_axis=("a", "a")), "layer_axis"),
+    (dict(mesh=mesh, layer_axis=()), "layer_axis"),
+    (dict(mesh=mesh, layer_axis=None), "layer_axis"),
+    (dict(mesh=mesh, layer_axis="x"), "divisible by the size of layer_axis"),
+    (dict(mesh=mesh, layer_axis=("a", "x")), "divisible by the size of layer_axis"),
+    (dict(mesh="mesh", layer_axis="x"), "mesh must be"),
+  )
+  for kwargs, message in cases:
+    try:
+      eplb_jax.rebalance_experts(weight, *CONFIGS[0], **kwargs)
+    except ValueError as e:
+      assert message in str(e), (kwargs, str(e))
+    else:
+      raise AssertionError(f"no ValueError for {kwargs}")
+  # Six layers do divide the 2-device axis "a".
+  eplb_jax.rebalance_experts(weight, *CONFIGS[0], mesh=mesh, layer_axis="a")
+
+
+def expert_params(num_layers, num_experts):
+  size = num_layers * num_experts
+  return {
+    "w": jnp.arange(size * 6, dtype=jnp.float32).reshape(num_layers, num_experts, 2, 3),
+    "b": jnp.arange(size, dtype=jnp.float32).reshape(num_layers, num_experts),
+  }
+
+
+@check("weights")
+def placement_sharded_over_experts():
+  weight = loads(num_layers=2)
+  phy2log, log2phy, _ = eplb_jax.rebalance_experts(weight, *CONFIGS[0])
+  logical = expert_params(2, 16)
+  expected = jax.tree.map(
+    lambda x: np.take_along_axis(
+      np.asarray(x), np.asarray(phy2log).reshape(2, 24, *[1] * (x.ndim - 2)), axis=1
+    ),
+    logical,
+  )
+  for make in (auto_mesh, explicit_mesh):
+    mesh = make((8,), ("expert",))
+    source = jax.device_put(logical, NamedSharding(mesh, P(None, "expert")))
+    fn = jax.jit(lambda p, i, mesh=mesh: weights.apply_placement(p, i, mesh=mesh))
+    for out in (fn(source, phy2log), weights.apply_placement(source, phy2log, mesh=mesh)):
+      chex.assert_trees_all_equal(out, expected)
+      for leaf in jax.tree.leaves(out):
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "expert")), leaf.ndim), (
+          leaf.sharding
+        )
+    # The communication the docstring of eplb_jax.weights states.
+    hlo = fn.lower(source, phy2log).compile().as_text()
+    assert [name for name in COLLECTIVES if name in hlo] == ["all-gather"]
+    replicated = jax.device_put(logical, NamedSharding(mesh, P()))
+    hlo = fn.lower(replicated, phy2log).compile().as_text()
+    assert not [name for name in COLLECTIVES if name in hlo]
+    moved = jax.jit(lambda p, mesh=mesh: weights.relayout(p, log2phy, phy2log, mesh=mesh))
+    chex.assert_trees_all_equal(moved(fn(source, phy2log)), expected)
+
+
+@check("weights")
+def bad_expert_axis():
+  mesh = auto_mesh((8,), ("e",))
+  phy2log = jnp.zeros((2, 20), jnp.int32)
+  for axis, message in (("expert", "expert_axis"), ("e", "number of slots (20)")):
+    try:
+      weights.apply_placement(expert_params(2, 16), phy2log, mesh=mesh, expert_axis=axis)
+    except ValueError as e:
+      assert message in str(e), str(e)
+    else:
+      raise AssertionError(f"no ValueError for expert_axis={axis!r}")
+
+
+def run_checks(group: str) -> dict[str, str]:
+  """Runs the checks of ``group`` in a subprocess on 8 host devices; returns their results."""
+  proc = subprocess.run(
+    [sys.executable, __file__, group],
+    env={**os.environ, "XLA_FLAGS": XLA_FLAGS},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(group: str) -> None:
+  if jax.device_count() != 8:
+    raise SystemExit(f"needs XLA_FLAGS={XLA_FLAGS} (8 devices), got {jax.device_count()}")
+  results = {}
+  for name, fn in CHECKS[group].items():
+    try:
+      fn()
+      results[name] = "ok"
+    except Exception:  # noqa: BLE001 - reported to the parent test
+      results[name] = traceback.format_exc()
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
