@@ -88,14 +88,14 @@ def hierarchical_rows(
       _node_bound(mlog_load, mlogcnt, num_layers, num_gpus // num_nodes)
       for _, _, mlog_load, _, _, mlogcnt in (stage, refined)
     ]
-    use_refined = bounds[1] < bounds[0]
-    stage = jax.tree.map(
-      lambda g, r: jnp.where(
-        jnp.repeat(use_refined, g.shape[0] // num_layers).reshape(-1, *[1] * (g.ndim - 1)), r, g
-      ),
-      stage,
-      refined,
-    )
+    use_refined = bounds[1] < bounds[0]  # [L]
+
+    def per_layer(greedy: jax.Array, refined: jax.Array) -> jax.Array:
+      # Rows are layers, or (layer, node) pairs.
+      pick = jnp.repeat(use_refined, greedy.shape[0] // num_layers)
+      return jnp.where(pick.reshape(-1, *[1] * (greedy.ndim - 1)), refined, greedy)
+
+    stage = jax.tree.map(per_layer, stage, refined)
   log2mlog, mlog2log, mlog_load, phy2mlog, phyrank, mlogcnt = stage
 
   # 3. Replicas -> GPUs of their node; pphy numbers slots GPU by GPU.
