@@ -54,13 +54,14 @@ def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Arra
     raise ValueError(f"{name} must have an integer or float dtype, got {dtype}")
   if np.ndim(weight) != 2:
     raise ValueError(f"{name} must be 2-D [layers, experts], got shape {np.shape(weight)}")
-  if not isinstance(weight, jax.core.Tracer):
-    values = np.asarray(weight, np.float32)
-    if not np.all(np.isfinite(values)):
-      raise ValueError(f"{name} must be finite, found NaN or inf loads")
-    if np.any(values < 0):
-      raise ValueError(f"{name} must be non-negative, found negative loads")
-  return sanitize_weight(jnp.asarray(weight, jnp.float32))
+  if isinstance(weight, jax.core.Tracer):
+    return sanitize_weight(jnp.asarray(weight, jnp.float32))
+  values = np.asarray(weight, np.float32)
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"{name} must be finite, found NaN or inf loads")
+  if np.any(values < 0):
+    raise ValueError(f"{name} must be non-negative, found negative loads")
+  return jnp.asarray(weight, jnp.float32)
 
 
 def sanitize_weight(weight: jax.Array) -> jax.Array:
