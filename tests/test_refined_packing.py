@@ -1,0 +1,101 @@
+"""The refined packing's two stages: the differencing start and swap refinement."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from eplb_jax import packing
+from eplb_jax import refinement
+
+
+def _differencing_reference(weight: np.ndarray, num_packs: int) -> np.ndarray:
+  """NumPy balanced largest differencing: the sorted pack loads of one row ``[n]``."""
+  order = np.argsort(-weight, kind="stable")
+  partials = [weight[chunk].astype(np.float64) for chunk in order.reshape(-1, num_packs)]
+  while len(partials) > 1:
+    partials.sort(key=lambda loads: loads.max() - loads.min(), reverse=True)
+    a, b = partials.pop(0), partials.pop(0)
+    partials.append(np.sort(a) + np.sort(b)[::-1])
+  return np.sort(partials[0])
+
+
+def _pack_loads(weight: np.ndarray, slots: np.ndarray) -> np.ndarray:
+  return weight[slots].sum(-1)
+
+
+def _random_rows(rows: int, n: int, seed: int) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  return rng.lognormal(0.0, 1.5, size=(rows, n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n, num_packs", [(8, 4), (12, 3), (72, 8), (64, 64 // 2), (30, 5)])
+def test_differencing_matches_reference(n, num_packs):
+  weight = _random_rows(6, n, seed=n)
+  slots = np.asarray(jax.vmap(lambda w: packing.differencing_slots(w, num_packs))(weight))
+  assert slots.shape == (6, num_packs, n // num_packs)
+  for row in range(6):
+    np.testing.assert_array_equal(np.sort(slots[row].ravel()), np.arange(n))
+    np.testing.assert_allclose(
+      np.sort(_pack_loads(weight[row], slots[row])),
+      _differencing_reference(weight[row], num_packs),
+      rtol=1e-5,
+    )
+
+
+def _refine(weight: np.ndarray, slots: np.ndarray) -> np.ndarray:
+  return np.asarray(jax.jit(jax.vmap(refinement.refine_slots))(weight, slots))
+
+
+@pytest.mark.parametrize("num_packs, per_pack", [(2, 3), (8, 9), (16, 5), (64, 7)])
+def test_refinement_never_raises_the_heaviest_pack(num_packs, per_pack):
+  """From any start (random here), the same items, and a heaviest pack no heavier."""
+  n = num_packs * per_pack
+  weight = _random_rows(8, n, seed=num_packs)
+  rng = np.random.default_rng(0)
+  start = np.stack([rng.permutation(n).reshape(num_packs, per_pack) for _ in range(8)])
+  refined = _refine(weight, start.astype(np.int32))
+  for row in range(8):
+    np.testing.assert_array_equal(np.sort(refined[row].ravel()), np.arange(n))
+    before = _pack_loads(weight[row], start[row]).max()
+    after = _pack_loads(weight[row], refined[row]).max()
+    assert after <= before * (1 + 1e-6), (row, before, after)
+  # A random start is far from balanced: the refinement must have lowered it.
+  lowered = [
+    _pack_loads(w, r).max() < _pack_loads(w, s).max()
+    for w, r, s in zip(weight, refined, start, strict=True)
+  ]
+  assert np.mean(lowered) > 0.9
+
+
+def test_refinement_on_a_small_row():
+  """Loads 9, 1, 5, 5: {9, 1} / {5, 5} is optimal and stays; {9, 5} / {1, 5} becomes 10 / 10."""
+  weight = np.array([[9.0, 1.0, 5.0, 5.0]], np.float32)
+  start = np.array([[[0, 1], [2, 3]]], np.int32)
+  chex.assert_trees_all_equal(_refine(weight, start), start)
+  start = np.array([[[0, 2], [1, 3]]], np.int32)
+  loads = _pack_loads(weight[0], _refine(weight, start)[0])
+  np.testing.assert_array_equal(np.sort(loads), [10.0, 10.0])
+
+
+def _items_moved(start: np.ndarray, refined: np.ndarray) -> int:
+  """Items outside the start pack that shares most items with their refined pack."""
+  start_pack = np.empty(start.size, int)
+  start_pack[start.ravel()] = np.repeat(np.arange(start.shape[0]), start.shape[1])
+  return sum(
+    len(pack) - np.bincount(start_pack[pack], minlength=start.shape[0]).max() for pack in refined
+  )
+
+
+def test_refinement_stops_within_its_budget(monkeypatch):
+  """Each step makes at most one exchange (two moved items) per group head."""
+  num_packs, per_pack = 64, 16
+  weight = _random_rows(1, num_packs * per_pack, seed=1)
+  start = np.random.default_rng(1).permutation(num_packs * per_pack).astype(np.int32)
+  start = start.reshape(1, num_packs, per_pack)
+  heads = refinement.num_groups(num_packs)
+  assert _items_moved(start[0], _refine(weight, start)[0]) > 2 * heads
+  monkeypatch.setattr(refinement, "max_steps", lambda num_packs: 1)
+  assert 0 < _items_moved(start[0], _refine(weight, start)[0]) <= 2 * heads
