@@ -34,19 +34,6 @@ def _take(values: jax.Array, indices: jax.Array) -> jax.Array:
   return jnp.take_along_axis(values, indices, axis=-1)
 
 
-def _node_bound(
-  mlog_load: jax.Array, mlogcnt: jax.Array, num_layers: int, gpus_per_node: int
-) -> jax.Array:
-  """Per layer ``[L]``, a lower bound on the heaviest GPU given each node's replicas.
-
-  ``mlog_load``/``mlogcnt`` are ``[L * nodes, E / nodes]``: a node's GPUs carry
-  its total load, and one of them its largest replica.
-  """
-  node_total = _ops.sum_last(mlog_load) / gpus_per_node
-  largest_replica = (mlog_load / mlogcnt).max(axis=-1)
-  return jnp.maximum(node_total, largest_replica).reshape(num_layers, -1).max(axis=-1)
-
-
 def hierarchical_rows(
   weight: jax.Array,
   num_physical_experts: int,
@@ -67,36 +54,16 @@ def hierarchical_rows(
   # 2. Replicas within each node; rows are (layer, node) pairs from here on.
   group_load = _ops.sum_last(weight.reshape(num_layers, num_groups, group_size))
 
-  def nodes_and_replicas(node_mode):
-    group_pack, group_rank = packing.pack_rows(group_load, num_nodes, node_mode)
-    log2mlog = (
-      ((group_pack * groups_per_node + group_rank) * group_size)[..., None]
-      + jnp.arange(group_size, dtype=jnp.int32)
-    ).reshape(num_layers, num_logical)
-    mlog2log = _inverse(log2mlog)
-    mlog_load = _take(weight, mlog2log).reshape(-1, experts_per_node)
-    replicas = replication.replicate_rows(mlog_load, num_physical_experts // num_nodes)
-    return log2mlog, mlog2log, mlog_load, *replicas
-
-  stage = nodes_and_replicas("greedy")
-  if mode == "refined" and groups_per_node > 1:
-    # A lighter heaviest node does not always mean a lighter heaviest GPU: a
-    # node's GPUs carry at least its average and its largest replica. Keep
-    # the refined group split only for layers where that bound is lower.
-    refined = nodes_and_replicas("refined")
-    bounds = [
-      _node_bound(mlog_load, mlogcnt, num_layers, num_gpus // num_nodes)
-      for _, _, mlog_load, _, _, mlogcnt in (stage, refined)
-    ]
-    use_refined = bounds[1] < bounds[0]  # [L]
-
-    def per_layer(greedy: jax.Array, refined: jax.Array) -> jax.Array:
-      # Rows are layers, or (layer, node) pairs.
-      pick = jnp.repeat(use_refined, greedy.shape[0] // num_layers)
-      return jnp.where(pick.reshape(-1, *[1] * (greedy.ndim - 1)), refined, greedy)
-
-    stage = jax.tree.map(per_layer, stage, refined)
-  log2mlog, mlog2log, mlog_load, phy2mlog, phyrank, mlogcnt = stage
+  group_pack, group_rank = packing.pack_rows(group_load, num_nodes, mode)
+  log2mlog = (
+    ((group_pack * groups_per_node + group_rank) * group_size)[..., None]
+    + jnp.arange(group_size, dtype=jnp.int32)
+  ).reshape(num_layers, num_logical)
+  mlog2log = _inverse(log2mlog)
+  mlog_load = _take(weight, mlog2log).reshape(-1, experts_per_node)
+  phy2mlog, phyrank, mlogcnt = replication.replicate_rows(
+    mlog_load, num_physical_experts // num_nodes
+  )
 
   # 3. Replicas -> GPUs of their node; pphy numbers slots GPU by GPU.
   replica_load = _take(mlog_load / mlogcnt, phy2mlog)
