@@ -97,5 +97,5 @@ def test_refinement_stops_within_its_budget(monkeypatch):
   start = start.reshape(1, num_packs, per_pack)
   heads = refinement.num_groups(num_packs)
   assert _items_moved(start[0], _refine(weight, start)[0]) > 2 * heads
-  monkeypatch.setattr(refinement, "max_steps", lambda num_packs: 1)
+  monkeypatch.setattr(refinement, "MAX_STEPS", 1)
   assert 0 < _items_moved(start[0], _refine(weight, start)[0]) <= 2 * heads
