@@ -42,8 +42,8 @@ def rebalance_experts(
     num_groups: expert groups (the hierarchical path needs ``E % num_groups == 0``).
     num_nodes: server nodes; ``num_gpus`` must be a multiple of it.
     num_gpus: GPUs in total.
-    mode: ``"refined"`` (default: greedy start plus swap refinement, better
-      balanced) or ``"greedy"`` (DeepSeek's placement exactly).
+    mode: ``"refined"`` (default: differencing start plus swap refinement,
+      better balanced) or ``"greedy"`` (DeepSeek's placement exactly).
     previous_phy2log: optional ``[L, P]`` placement in service. When given,
       the result keeps replicas where they are as far as it can while every
       layer's heaviest GPU stays within 0.1% of a fresh placement's (see
