@@ -3,7 +3,7 @@
 Runs every method on the built-in shapes (eplb_jax.workloads.SHAPES) with the
 same skewed loads, in one process on one CPU core, and prints a Markdown table:
 balancedness (mean / max GPU load, mean over layers), max load over the lower
-bound, steady-state milliseconds per call, speed-up over the vectorised seed
+bound, best-of-repeats milliseconds per call, speed-up over the vectorised seed
 000 and over DeepSeek's loop-based original, and JAX compile time.
 
     python bench/run.py                    # everything (torch optional)
@@ -23,7 +23,6 @@ os.environ.setdefault(
 
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -39,13 +38,17 @@ Maps = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _time(fn: Callable[[], Maps], repeats: int) -> tuple[Maps, float]:
-  """Returns the result and the median wall time in ms of ``repeats`` calls."""
+  """Returns the result and the best wall time in ms of ``repeats`` calls.
+
+  The best time, not the median: on a shared machine it is the least
+  disturbed by other work, for every method alike.
+  """
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     out = fn()
     times.append(1e3 * (time.perf_counter() - start))
-  return out, statistics.median(times)
+  return out, min(times)
 
 
 def _jax_method(mode: str, shape: workloads.Shape, repeats: int):
