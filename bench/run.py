@@ -1,10 +1,11 @@
 """Benchmark eplb_jax against the PyTorch DeepSeek balancer and the two seeds.
 
 Runs every method on the built-in shapes (eplb_jax.workloads.SHAPES) with the
-same skewed loads, in one process on one CPU core, and prints a Markdown table:
-balancedness (mean / max GPU load, mean over layers), max load over the lower
-bound, best-of-repeats milliseconds per call, speed-up over the vectorised seed
-000 and over DeepSeek's loop-based original, and JAX compile time.
+same skewed loads, in one process, timed on one CPU core (bench/one_core.py),
+and prints a Markdown table: balancedness (mean / max GPU load, mean over
+layers), max load over the lower bound, best-of-repeats milliseconds per call,
+speed-up over the vectorised seed 000 and over DeepSeek's loop-based original,
+and JAX compile time (the first call, on all cores).
 
     python bench/run.py                    # everything (torch optional)
     python bench/run.py --shapes kimi-k2 --no-torch
@@ -14,72 +15,55 @@ torch (the `bench` extra) is optional: without it only the JAX rows run.
 
 from __future__ import annotations
 
-import os
+import one_core  # first: XLA flags for one core
 
-# One core for JAX too: the comparison is per core. Must precede the jax import.
-os.environ.setdefault(
-  "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-)
+# isort: split
 
-import argparse  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Callable
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-import eplb_jax  # noqa: E402
-from eplb_jax import metrics  # noqa: E402
-from eplb_jax import workloads  # noqa: E402
+import eplb_jax
+from eplb_jax import metrics
+from eplb_jax import workloads
 
 Maps = tuple[np.ndarray, np.ndarray, np.ndarray]
+Call = Callable[[], Maps]
 
 
-def _time(fn: Callable[[], Maps], repeats: int) -> tuple[Maps, float]:
-  """Returns the result and the best wall time in ms of ``repeats`` calls.
+def _jax_method(mode: str, shape: workloads.Shape):
+  """Prepares ``rebalance_experts`` on given loads: ``(call, compile seconds)``."""
 
-  The best time, not the median: on a shared machine it is the least
-  disturbed by other work, for every method alike.
-  """
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    times.append(1e3 * (time.perf_counter() - start))
-  return out, min(times)
+  def prepare(weight: np.ndarray) -> tuple[Call, float]:
+    def call():
+      return jax.block_until_ready(eplb_jax.rebalance_experts(weight, *shape.sizes, mode=mode))
 
-
-def _jax_method(mode: str, shape: workloads.Shape, repeats: int):
-  def run(weight):
-    call = lambda: jax.block_until_ready(  # noqa: E731
-      eplb_jax.rebalance_experts(weight, *shape.sizes, mode=mode)
-    )
     start = time.perf_counter()
     call()
-    compile_s = time.perf_counter() - start
-    out, ms = _time(call, repeats)
-    return [np.asarray(x) for x in out], ms, compile_s
+    return call, time.perf_counter() - start
 
-  return run
+  return prepare
 
 
-def _torch_method(policy: Callable, shape: workloads.Shape, repeats: int):
+def _torch_method(policy: Callable, shape: workloads.Shape):
   import torch
 
-  def run(weight):
+  def prepare(weight: np.ndarray) -> tuple[Call, None]:
     tensor = torch.from_numpy(weight)
-    out, ms = _time(lambda: policy(tensor, *shape.sizes), repeats)
-    return [x.numpy() for x in out], ms, None
+    return (lambda: policy(tensor, *shape.sizes)), None
 
-  return run
+  return prepare
 
 
 def _methods(shape: workloads.Shape, args) -> dict[str, Callable]:
   methods = {
-    "eplb_jax greedy": _jax_method("greedy", shape, args.repeats),
-    "eplb_jax refined": _jax_method("refined", shape, args.repeats),
+    "eplb_jax greedy": _jax_method("greedy", shape),
+    "eplb_jax refined": _jax_method("refined", shape),
   }
   if args.no_torch:
     return methods
@@ -93,17 +77,39 @@ def _methods(shape: workloads.Shape, args) -> dict[str, Callable]:
     return methods
   torch.set_num_threads(1)
   for name in ("seed000", "seed004", "original"):
-    repeats = 1 if name == "original" else args.repeats
-    methods[f"torch {name}"] = _torch_method(torch_reference.POLICIES[name], shape, repeats)
+    methods[f"torch {name}"] = _torch_method(torch_reference.POLICIES[name], shape)
   return methods
+
+
+def _best_times(calls: dict[str, Call], repeats: dict[str, int], rounds: int):
+  """Each call's result and best wall time in ms on one core.
+
+  The calls take turns, ``repeats[name]`` calls each per round, so every
+  method gets the same share of a shared machine's quiet and busy spells;
+  the best time, not the median, is the least disturbed by other work.
+  """
+  results, best = {}, dict.fromkeys(calls, float("inf"))
+  with one_core.pinned():
+    for _ in range(rounds):
+      for name, call in calls.items():
+        for _ in range(repeats[name]):
+          start = time.perf_counter()
+          results[name] = call()
+          best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
+  return results, best
 
 
 def run_shape(shape: workloads.Shape, args) -> list[dict]:
   weight = workloads.skewed_loads(shape.num_layers, shape.num_experts, seed=args.seed)
   bound = metrics.lower_bound(weight, shape.num_replicas, shape.num_gpus)
+  prepared = {name: prepare(weight) for name, prepare in _methods(shape, args).items()}
+  per_round = max(1, args.repeats // args.rounds)
+  repeats = {name: 1 if name == "torch original" else per_round for name in prepared}
+  calls = {name: call for name, (call, _) in prepared.items()}
+  results, times = _best_times(calls, repeats, args.rounds)
   rows = []
-  for name, method in _methods(shape, args).items():
-    (phy2log, _, logcnt), ms, compile_s = method(weight)
+  for name, (_, compile_s) in prepared.items():
+    phy2log, _, logcnt = (np.asarray(x) for x in results[name])
     loads = metrics.gpu_loads(weight, phy2log, logcnt, shape.num_gpus)
     rows.append(
       dict(
@@ -111,11 +117,10 @@ def run_shape(shape: workloads.Shape, args) -> list[dict]:
         method=name,
         balancedness=float(metrics.balancedness(loads)),
         bound_ratio=float(metrics.bound_ratio(loads, bound)),
-        ms=ms,
+        ms=times[name],
         compile_s=compile_s,
       )
     )
-  times = {row["method"]: row["ms"] for row in rows}
   for row in rows:
     for base in ("seed000", "original"):
       base_ms = times.get(f"torch {base}")
@@ -173,7 +178,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", nargs="*", default=list(workloads.SHAPES))
-  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=40, help="timed calls per method")
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of them")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-torch", action="store_true", help="JAX rows only")
   parser.add_argument("--plot", type=pathlib.Path, default=pathlib.Path("bench/out/bench.png"))
@@ -183,7 +189,10 @@ def main() -> None:
   for name in args.shapes:
     rows += run_shape(workloads.SHAPES[name], args)
   table = markdown(rows)
-  header = f"jax {jax.__version__} on {jax.devices()[0].device_kind}, one core, seed {args.seed}"
+  header = (
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind}, one core, seed {args.seed}; "
+    f"best of {args.repeats} calls in {args.rounds} interleaved rounds (original: one a round)"
+  )
   print(header, table, sep="\n\n")
   if args.markdown:
     args.markdown.parent.mkdir(parents=True, exist_ok=True)

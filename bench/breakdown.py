@@ -1,0 +1,120 @@
+"""Where the time of one placement goes, stage by stage, on one CPU core.
+
+Times each stage of the pipeline on its own (jitted; best of the repeats,
+pinned to one core) with the inputs the placement gives it, next to the
+whole call:
+
+    python bench/breakdown.py                       # all built-in shapes
+    python bench/breakdown.py --shapes kimi-k2 --markdown bench/results/breakdown.md
+
+The stages overlap with nothing, but XLA fuses across them inside the whole
+call, so they need not add up to it exactly. "refinement, converged" runs the
+swap refinement with no step budget, to show what the budget saves.
+"""
+
+from __future__ import annotations
+
+import one_core  # first: XLA flags for one core
+
+# isort: split
+
+import argparse
+import functools
+import pathlib
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from eplb_jax import _ops
+from eplb_jax import packing
+from eplb_jax import placement
+from eplb_jax import refinement
+from eplb_jax import replication
+from eplb_jax import workloads
+
+
+def _best_ms(fn: Callable, *args, repeats: int) -> float:
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  with one_core.pinned():
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(1e3 * (time.perf_counter() - start))
+  return min(times)
+
+
+def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tuple]]]:
+  """The packing problem, and each stage of the placement as ``(function, inputs)``."""
+  num_groups, num_nodes = shape.num_groups, shape.num_nodes
+  if num_groups % num_nodes:
+    num_groups, num_nodes = 1, 1
+  weight = jnp.asarray(workloads.skewed_loads(shape.num_layers, shape.num_experts), jnp.float32)
+  # Replication and packing run per (layer, node); contiguous node slices
+  # stand in for the groups-to-nodes split, which does not change the cost.
+  node_load = weight.reshape(-1, shape.num_experts // num_nodes)
+  node_slots = shape.num_replicas // num_nodes
+  phy2log, _, logcnt = replication.replicate_rows(node_load, node_slots)
+  items = jnp.take_along_axis(node_load / logcnt, phy2log, axis=-1)
+  packs = shape.num_gpus // num_nodes
+  start = jax.jit(jax.vmap(functools.partial(packing.differencing_slots, num_packs=packs)))(items)
+
+  def converged(weight, slots):
+    budget, refinement.MAX_STEPS = refinement.MAX_STEPS, 1 << 20
+    try:
+      return jax.vmap(refinement.refine_slots)(weight, slots)
+    finally:
+      refinement.MAX_STEPS = budget
+
+  sizes = (shape.num_replicas, shape.num_groups, shape.num_nodes, shape.num_gpus)
+  problem = f"{items.shape[0]} x {items.shape[1]} -> {packs}"
+  return problem, {
+    "whole call, greedy": (lambda w: placement.rebalance_jit(w, *sizes, "greedy"), (weight,)),
+    "whole call, refined": (lambda w: placement.rebalance_jit(w, *sizes, "refined"), (weight,)),
+    "replication": (lambda w: replication.replicate_rows(w, node_slots), (node_load,)),
+    "sort of the replicas": (_ops.argsort_descending, (items,)),
+    "greedy packing (sort included)": (lambda x: packing.pack_rows(x, packs, "greedy"), (items,)),
+    "differencing start (sort included)": (
+      jax.vmap(functools.partial(packing.differencing_slots, num_packs=packs)),
+      (items,),
+    ),
+    f"refinement, {refinement.MAX_STEPS}-step budget": (
+      jax.vmap(refinement.refine_slots),
+      (items, start),
+    ),
+    "refinement, converged": (converged, (items, start)),
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", nargs="*", default=list(workloads.SHAPES))
+  parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--markdown", type=pathlib.Path, help="also write the table here")
+  args = parser.parse_args()
+
+  lines = [
+    f"jax {jax.__version__} on {jax.default_backend()}, one core; best of {args.repeats}",
+    "",
+    "| shape | rows x items -> packs | stage | ms |",
+    "|---|---|---|---:|",
+  ]
+  for name in args.shapes:
+    problem, stages = _stages(workloads.SHAPES[name])
+    for stage, (fn, inputs) in stages.items():
+      ms = _best_ms(fn, *inputs, repeats=args.repeats)
+      lines.append(f"| {name} | {problem} | {stage} | {ms:.2f} |")
+      print(lines[-1], flush=True)
+  text = "\n".join(lines) + "\n"
+  print()
+  print(text)
+  if args.markdown:
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(text)
+
+
+if __name__ == "__main__":
+  main()

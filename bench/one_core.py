@@ -1,0 +1,33 @@
+"""Import first: one CPU core for the timed calls of a benchmark.
+
+Importing it gives XLA:CPU one intra-op thread (the flags must be set before
+jax is imported). :func:`pinned` then pins the whole process, JAX's and
+PyTorch's threads alike, to the last CPU while the timed calls run, so the
+comparison is per core and the other cores' background work does not land
+on it. Compilation runs outside it, on all cores, as it would for a user.
+Pinning is Linux-only; elsewhere only the thread counts are limited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+os.environ.setdefault(
+  "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[None]:
+  """Runs the block with this process pinned to one CPU, then restores its CPUs."""
+  if not hasattr(os, "sched_setaffinity"):
+    yield
+    return
+  cpus = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, {max(cpus)})
+  try:
+    yield
+  finally:
+    os.sched_setaffinity(0, cpus)
