@@ -55,6 +55,12 @@ def descending_ranks(x: jax.Array) -> jax.Array:
   return before.sum(axis=-1, dtype=jnp.int32)
 
 
+def _rank_count_argsort(x: jax.Array) -> jax.Array:
+  """Stable descending argsort of short rows ``x [..., n]``, from :func:`descending_ranks`."""
+  iota = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+  return jnp.put_along_axis(jnp.zeros_like(iota), descending_ranks(x), iota, axis=-1, inplace=False)
+
+
 def _sorted_runs(key: jax.Array, run: int) -> tuple[jax.Array, jax.Array]:
   """Sorts each run of ``run`` elements of ``key [..., size]`` by rank counting.
 
@@ -63,8 +69,7 @@ def _sorted_runs(key: jax.Array, run: int) -> tuple[jax.Array, jax.Array]:
   """
   *batch, size = key.shape
   runs = key.reshape(*batch, size // run, run)
-  iota = jnp.broadcast_to(jnp.arange(run, dtype=jnp.int32), runs.shape)
-  order = jnp.put_along_axis(jnp.zeros_like(iota), descending_ranks(runs), iota, -1, inplace=False)
+  order = _rank_count_argsort(runs)
   ascending = jnp.arange(size // run) % 2 == 1
   order = jnp.where(ascending[:, None], order[..., ::-1], order)
   sorted_runs = jnp.take_along_axis(runs, order, axis=-1)
@@ -120,6 +125,4 @@ def argsort_descending(x: jax.Array) -> jax.Array:
   n = x.shape[-1]
   if n > _RANK_COUNT_MAX:
     return _bitonic_argsort_descending(x)
-  rank = descending_ranks(x)
-  iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
-  return jnp.put_along_axis(jnp.zeros_like(iota), rank, iota, axis=-1, inplace=False)
+  return _rank_count_argsort(x)

@@ -121,8 +121,10 @@ def refine_slots(weight: jax.Array, slots: jax.Array) -> jax.Array:
   groups = num_groups(num_packs)
   # Deal the packs to the groups by load, heaviest first (the pack of rank j
   # joins group j % k), so the k heaviest packs head k different groups.
-  order = _ops.argsort_descending(_ops.sum_last(weight[slots]))
-  slots = slots[order].reshape(num_packs // groups, groups, per_pack).swapaxes(0, 1)
+  items = weight[slots]
+  order = _ops.argsort_descending(_ops.sum_last(items))
+  shape = (num_packs // groups, groups, per_pack)
+  slots, items = (x[order].reshape(shape).swapaxes(0, 1) for x in (slots, items))
 
   def cond(state):
     count, _, _, idle = state
@@ -133,5 +135,5 @@ def refine_slots(weight: jax.Array, slots: jax.Array) -> jax.Array:
     slots, items, progress = _step(count, slots, items)
     return count + 1, slots, items, jnp.where(progress, 0, idle + 1)
 
-  init = (0, slots, weight[slots], 0)
+  init = (0, slots, items, 0)
   return jax.lax.while_loop(cond, body, init)[1].reshape(num_packs, per_pack)
