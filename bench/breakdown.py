@@ -60,7 +60,8 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
   phy2log, _, logcnt = replication.replicate_rows(node_load, node_slots)
   items = jnp.take_along_axis(node_load / logcnt, phy2log, axis=-1)
   packs = shape.num_gpus // num_nodes
-  start = jax.jit(jax.vmap(functools.partial(packing.differencing_slots, num_packs=packs)))(items)
+  differencing = jax.vmap(functools.partial(packing.differencing_slots, num_packs=packs))
+  start = jax.jit(differencing)(items)
 
   def converged(weight, slots):
     budget, refinement.MAX_STEPS = refinement.MAX_STEPS, 1 << 20
@@ -77,10 +78,7 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
     "replication": (lambda w: replication.replicate_rows(w, node_slots), (node_load,)),
     "sort of the replicas": (_ops.argsort_descending, (items,)),
     "greedy packing (sort included)": (lambda x: packing.pack_rows(x, packs, "greedy"), (items,)),
-    "differencing start (sort included)": (
-      jax.vmap(functools.partial(packing.differencing_slots, num_packs=packs)),
-      (items,),
-    ),
+    "differencing start (sort included)": (differencing, (items,)),
     f"refinement, {refinement.MAX_STEPS}-step budget": (
       jax.vmap(refinement.refine_slots),
       (items, start),
