@@ -41,40 +41,47 @@ def argmax_first(x: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.where(at_max, iota, x.shape[axis]).min(axis=axis)
 
 
-def descending_ranks(x: jax.Array) -> jax.Array:
-  """Position of each element of ``x [..., n]`` in a stable descending sort (int32).
+def _coarse_key(x: jax.Array) -> jax.Array:
+  """Distinct int32 keys that order ``x [..., n]`` (float32) descending, ties to the lower index.
 
-  Counts, for each element, the elements that sort before it (larger, or
-  equal with a lower index): one fused ``[..., n, n]`` pass.
+  The float32 bits are mapped to int32 in the same order as the values; their
+  ``ceil(log2 n)`` lowest bits are then replaced by the complement of the
+  index. Values that differ only in those bits tie, so the order is exact to
+  a relative ``2**(ceil(log2 n) - 23)`` of the values.
   """
   n = x.shape[-1]
-  iota = jnp.arange(n)
-  before = (x[..., None, :] > x[..., :, None]) | (
-    (x[..., None, :] == x[..., :, None]) & (iota[None, :] < iota[:, None])
-  )
+  low = (1 << max(n - 1, 0).bit_length()) - 1
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+  return (ordered & ~low) | (low - jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1))
+
+
+def _ranks(key: jax.Array, index: jax.Array | None) -> jax.Array:
+  """Position of each element in the descending order of ``key [..., n]``.
+
+  With ``index``, equal keys go to the lower index; without, keys are distinct.
+  One fused ``[..., n, n]`` count of the elements that come before each.
+  """
+  before = key[..., None, :] > key[..., :, None]
+  if index is not None:
+    before |= (key[..., None, :] == key[..., :, None]) & (index[..., None, :] < index[..., :, None])
   return before.sum(axis=-1, dtype=jnp.int32)
 
 
-def _rank_count_argsort(x: jax.Array) -> jax.Array:
-  """Stable descending argsort of short rows ``x [..., n]``, from :func:`descending_ranks`."""
-  iota = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
-  return jnp.put_along_axis(jnp.zeros_like(iota), descending_ranks(x), iota, axis=-1, inplace=False)
+def descending_ranks(x: jax.Array, exact: bool = True) -> jax.Array:
+  """Position of each element of ``x [..., n]`` in a stable descending sort (int32).
 
-
-def _sorted_runs(key: jax.Array, run: int) -> tuple[jax.Array, jax.Array]:
-  """Sorts each run of ``run`` elements of ``key [..., size]`` by rank counting.
-
-  Runs alternate direction, descending first, as a bitonic network leaves
-  them; returns the keys and their indices along the last axis.
+  ``exact=False`` orders by :func:`_coarse_key` instead (cheaper: one compare
+  per pair; values within ``2**(ceil(log2 n) - 23)`` of each other may come
+  in index order instead of value order).
   """
-  *batch, size = key.shape
-  runs = key.reshape(*batch, size // run, run)
-  order = _rank_count_argsort(runs)
-  ascending = jnp.arange(size // run) % 2 == 1
-  order = jnp.where(ascending[:, None], order[..., ::-1], order)
-  sorted_runs = jnp.take_along_axis(runs, order, axis=-1)
-  idx = order + (jnp.arange(size // run, dtype=jnp.int32) * run)[:, None]
-  return sorted_runs.reshape(key.shape), idx.reshape(key.shape)
+  if exact:
+    return _ranks(x, jnp.arange(x.shape[-1]))
+  return _ranks(_coarse_key(x), None)
+
+
+def _by_rank(x: jax.Array, ranks: jax.Array) -> jax.Array:
+  return jnp.put_along_axis(jnp.zeros_like(x), ranks, x, axis=-1, inplace=False)
 
 
 # Above this length the O(n^2) rank count costs more than a sorting network.
@@ -87,42 +94,66 @@ _RANK_COUNT_MAX = 128
 _BITONIC_RUN = 64
 
 
-def _bitonic_argsort_descending(x: jax.Array) -> jax.Array:
-  """Stable descending argsort of ``x [..., n]`` by a bitonic sorting network.
+def _bitonic_sort(key: jax.Array, index: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+  """Sorts ``key [..., size]`` descending (``size`` a power of two), with its ``index``.
 
   Runs of ``_BITONIC_RUN`` are sorted by rank counting, then merged by
-  compare-exchange stages of elementwise code (``log2(n / run)`` phases);
-  keys are compared as ``(value, -index)``, a total order, so the result is
-  the stable order.
+  compare-exchange stages of elementwise code (``log2(size / run)``
+  phases). With ``index``, equal keys go to the lower index (a total order,
+  so the result is the stable order); without, keys are distinct.
   """
-  *batch, n = x.shape
-  size = 1 << max(n - 1, 0).bit_length()
-  pad = [(0, 0)] * len(batch) + [(0, size - n)]
+  *batch, size = key.shape
   run = min(size, _BITONIC_RUN)
-  key, idx = _sorted_runs(jnp.pad(x, pad, constant_values=-jnp.inf), run)
+  arrays = [x.reshape(*batch, size // run, run) for x in (key, index) if x is not None]
+  ranks = _ranks(arrays[0], arrays[1] if index is not None else None)
+  # Runs alternate direction, descending first, as the network expects them.
+  ascending = jnp.arange(size // run) % 2 == 1
+  ranks = jnp.where(ascending[:, None], run - 1 - ranks, ranks)
+  arrays = [_by_rank(x, ranks).reshape(*batch, size) for x in arrays]
   k = 2 * run
   while k <= size:
     j = k // 2
     while j >= 1:
       shape = (*batch, size // (2 * j), 2, j)
-      key2, idx2 = key.reshape(shape), idx.reshape(shape)
-      k_lo, k_hi = key2[..., 0, :], key2[..., 1, :]
-      i_lo, i_hi = idx2[..., 0, :], idx2[..., 1, :]
-      lo_first = (k_lo > k_hi) | ((k_lo == k_hi) & (i_lo < i_hi))
+      pairs = [x.reshape(shape) for x in arrays]
+      (k_lo, k_hi), *rest = [(x[..., 0, :], x[..., 1, :]) for x in pairs]
+      lo_first = k_lo > k_hi
+      if rest:
+        i_lo, i_hi = rest[0]
+        lo_first |= (k_lo == k_hi) & (i_lo < i_hi)
       # Blocks alternate direction so that each k-run ends up bitonic-merged.
       descending = ((jnp.arange(size // (2 * j)) * 2 * j) // k) % 2 == 0
       swap = lo_first != descending[:, None]
-      key = jnp.stack([jnp.where(swap, k_hi, k_lo), jnp.where(swap, k_lo, k_hi)], -2)
-      idx = jnp.stack([jnp.where(swap, i_hi, i_lo), jnp.where(swap, i_lo, i_hi)], -2)
-      key, idx = key.reshape(*batch, size), idx.reshape(*batch, size)
+      arrays = [
+        jnp.stack(
+          [
+            jnp.where(swap, x[..., 1, :], x[..., 0, :]),
+            jnp.where(swap, x[..., 0, :], x[..., 1, :]),
+          ],
+          -2,
+        ).reshape(*batch, size)
+        for x in pairs
+      ]
       j //= 2
     k *= 2
-  return idx[..., :n]
+  return arrays[0], arrays[1] if index is not None else None
 
 
-def argsort_descending(x: jax.Array) -> jax.Array:
-  """Stable descending argsort of ``x [..., n]`` (ties to the lower index), int32."""
-  n = x.shape[-1]
-  if n > _RANK_COUNT_MAX:
-    return _bitonic_argsort_descending(x)
-  return _rank_count_argsort(x)
+def argsort_descending(x: jax.Array, exact: bool = True) -> jax.Array:
+  """Stable descending argsort of ``x [..., n]`` (ties to the lower index), int32.
+
+  ``exact=False`` sorts by :func:`_coarse_key` (see :func:`descending_ranks`):
+  distinct int32 keys, so about half the work of the exact sort.
+  """
+  *batch, n = x.shape
+  iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
+  if n <= _RANK_COUNT_MAX:
+    return _by_rank(iota, descending_ranks(x, exact))
+  size = 1 << (n - 1).bit_length()
+  pad = [(0, 0)] * len(batch) + [(0, size - n)]
+  padded = jnp.pad(x, pad, constant_values=-jnp.inf)
+  if exact:
+    index = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), padded.shape)
+    return _bitonic_sort(padded, index)[1][..., :n]
+  key, _ = _bitonic_sort(_coarse_key(padded), None)
+  return (size - 1) - (key[..., :n] & (size - 1))  # the index, from the key's low bits

@@ -12,7 +12,9 @@ node) and are ``vmap``-ped over rows.
   and Karp's differencing with equal pack sizes, "BLDM"): ``g - 1`` merges of
   ``m``-tuples instead of one step per item, and a better start than the
   greedy on skewed loads. Swap refinement (:mod:`eplb_jax.refinement`) then
-  lowers its heaviest packs; it never makes the heaviest pack heavier.
+  lowers its heaviest packs; it never makes the heaviest pack heavier. When
+  the rows are the nodes of layers, only each layer's rows with the heaviest
+  packs are refined.
 
 The refinement works on ``slots [m, g]``: row ``p`` lists the items of pack
 ``p``, the column being the item's rank in the pack.
@@ -67,7 +69,8 @@ def slots_to_index(slots: jax.Array) -> tuple[jax.Array, jax.Array]:
 def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
   """Balanced largest differencing packing of one row ``[n]``, as ``slots [m, g]``.
 
-  The items, sorted by weight, are cut into ``g`` rounds of ``m``; each round
+  The items, sorted by weight (coarsely: near-equal weights may come in
+  index order, see :func:`_ops.descending_ranks`), are cut into ``g`` rounds of ``m``; each round
   is a partial packing of one item per pack. Each of the ``g - 1`` steps
   merges the two partial packings whose pack loads spread the most (max -
   min), pairing the heaviest pack of one with the lightest of the other,
@@ -78,7 +81,7 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
   """
   m = num_packs
   g = weight.shape[0] // m
-  rounds = _ops.argsort_descending(weight).astype(jnp.int32).reshape(g, m)[:, ::-1]
+  rounds = _ops.argsort_descending(weight, exact=False).astype(jnp.int32).reshape(g, m)[:, ::-1]
   partial = jnp.arange(g, dtype=jnp.int32)
   position = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (g, m))
 
@@ -88,7 +91,7 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
     a = _ops.argmax_first(spread)
     b = _ops.argmax_first(jnp.where(partial == a, -jnp.inf, spread))
     merged = loads[a] + loads[b][::-1]
-    rank = _ops.descending_ranks(-merged)  # ascending, ties to the lower position
+    rank = _ops.descending_ranks(-merged, exact=False)  # ascending
     position = jnp.where(
       (owner == a)[:, None],
       rank[position],
@@ -102,21 +105,44 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
   return jnp.zeros((m, g), jnp.int32).at[position, partial[:, None]].set(rounds)
 
 
-def refined_row(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
-  """Differencing packing plus swap refinement of one row: ``(pack_index, rank_in_pack)``."""
-  return slots_to_index(refinement.refine_slots(weight, differencing_slots(weight, num_packs)))
+# Of the rows that share a layer (its nodes), only this many, those with the
+# heaviest packs after differencing, are refined: the layer's heaviest GPU
+# sets its balance. On the hierarchical benchmark shapes refining all rows
+# gives the same balancedness.
+REFINED_ROWS_PER_LAYER = 2
 
 
-def pack_rows(weight: jax.Array, num_packs: int, mode: str) -> tuple[jax.Array, jax.Array]:
-  """Unchecked core of :func:`balanced_packing` (``weight`` float32 ``[X, n]``)."""
+def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int) -> jax.Array:
+  """Differencing plus swap refinement of ``weight [X, n]``, as ``slots [X, m, g]``."""
+  slots = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
+  refine = jax.vmap(refinement.refine_slots)
+  if rows_per_layer <= REFINED_ROWS_PER_LAYER:
+    return refine(weight, slots)
+  layers = weight.shape[0] // rows_per_layer
+  heaviest = jax.vmap(lambda w, s: _ops.sum_last(w[s]).max())(weight, slots)
+  order = _ops.argsort_descending(heaviest.reshape(layers, rows_per_layer), exact=False)
+  first_row = rows_per_layer * jnp.arange(layers, dtype=jnp.int32)[:, None]
+  chosen = (order[:, :REFINED_ROWS_PER_LAYER] + first_row).reshape(-1)
+  return slots.at[chosen].set(refine(weight[chosen], slots[chosen]))
+
+
+def pack_rows(
+  weight: jax.Array, num_packs: int, mode: str, rows_per_layer: int = 1
+) -> tuple[jax.Array, jax.Array]:
+  """Unchecked core of :func:`balanced_packing` (``weight`` float32 ``[X, n]``).
+
+  Runs of ``rows_per_layer`` consecutive rows share a layer; in refined mode
+  only ``REFINED_ROWS_PER_LAYER`` rows of each layer are refined.
+  """
   rows, n = weight.shape
   if n == num_packs:
     # One item per pack: every assignment is equally balanced, and the
     # reference keeps the identity order.
     identity = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n))
     return identity, jnp.zeros_like(identity)
-  row_fn = greedy_row if mode == "greedy" else refined_row
-  return jax.vmap(functools.partial(row_fn, num_packs=num_packs))(weight)
+  if mode == "greedy":
+    return jax.vmap(functools.partial(greedy_row, num_packs=num_packs))(weight)
+  return jax.vmap(slots_to_index)(_refined_rows(weight, num_packs, rows_per_layer))
 
 
 def balanced_packing(

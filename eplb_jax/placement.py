@@ -67,7 +67,7 @@ def hierarchical_rows(
 
   # 3. Replicas -> GPUs of their node; pphy numbers slots GPU by GPU.
   replica_load = _take(mlog_load / mlogcnt, phy2mlog)
-  gpu, rank_in_gpu = packing.pack_rows(replica_load, num_gpus // num_nodes, mode)
+  gpu, rank_in_gpu = packing.pack_rows(replica_load, num_gpus // num_nodes, mode, num_nodes)
   pphy2phy = _inverse(gpu * slots_per_gpu + rank_in_gpu)
 
   node_offset = jnp.arange(0, num_logical, experts_per_node, dtype=jnp.int32)

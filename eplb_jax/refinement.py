@@ -122,7 +122,7 @@ def refine_slots(weight: jax.Array, slots: jax.Array) -> jax.Array:
   # Deal the packs to the groups by load, heaviest first (the pack of rank j
   # joins group j % k), so the k heaviest packs head k different groups.
   items = weight[slots]
-  order = _ops.argsort_descending(_ops.sum_last(items))
+  order = _ops.argsort_descending(_ops.sum_last(items), exact=False)
   shape = (num_packs // groups, groups, per_pack)
   slots, items = (x[order].reshape(shape).swapaxes(0, 1) for x in (slots, items))
 

@@ -21,6 +21,22 @@ def test_argsort_descending_is_the_stable_order(n):
     np.testing.assert_array_equal(order, np.argsort(-x, axis=-1, kind="stable"))
 
 
+@pytest.mark.parametrize("n", [5, 128, 129, 448])
+def test_coarse_argsort_ignores_only_the_lowest_bits(n):
+  """exact=False: a permutation; the stable order of values that differ by more than its
+  precision, and index order among values that differ by less."""
+  rng = np.random.default_rng(n)
+  spaced = (rng.permutation(n) * 0.01 + 1.0).astype(np.float32)  # 1% apart
+  near = np.float32(1.0) + rng.integers(0, 4, size=n).astype(np.float32) * np.float32(2**-23)
+  mixed = np.stack([spaced, near, -spaced])
+  for fn in (_ops.argsort_descending, lambda x, exact: _ops.descending_ranks(x, exact).argsort(-1)):
+    order = np.asarray(jax.jit(fn, static_argnums=1)(mixed, False))
+    assert order.dtype == np.int32
+    np.testing.assert_array_equal(order[0], np.argsort(-spaced, kind="stable"))
+    np.testing.assert_array_equal(order[1], np.arange(n))
+    np.testing.assert_array_equal(order[2], np.argsort(spaced, kind="stable"))
+
+
 def test_argmin_argmax_first_take_the_first_of_ties():
   x = np.array([[3.0, 1.0, 1.0, 3.0], [2.0, 2.0, 2.0, 2.0]], np.float32)
   np.testing.assert_array_equal(_ops.argmin_first(x), [1, 0])

@@ -99,3 +99,20 @@ def test_refinement_stops_within_its_budget(monkeypatch):
   assert _items_moved(start[0], _refine(weight, start)[0]) > 2 * heads
   monkeypatch.setattr(refinement, "MAX_STEPS", 1)
   assert 0 < _items_moved(start[0], _refine(weight, start)[0]) <= 2 * heads
+
+
+def test_only_the_heaviest_rows_of_each_layer_are_refined():
+  """Of a layer's node rows, the two with the heaviest differencing pack are refined."""
+  layers, nodes, n, num_packs = 5, 4, 24, 4
+  weight = _random_rows(layers * nodes, n, seed=7)
+  got = jax.jit(packing.pack_rows, static_argnums=(1, 2, 3))(weight, num_packs, "refined", nodes)
+
+  start = np.asarray(jax.vmap(lambda w: packing.differencing_slots(w, num_packs))(weight))
+  refined = _refine(weight, start)
+  heaviest = np.stack([_pack_loads(w, s).max() for w, s in zip(weight, start, strict=True)])
+  top = np.argsort(-heaviest.reshape(layers, nodes), axis=1, kind="stable")[:, :2]
+  chosen = (top + nodes * np.arange(layers)[:, None]).ravel()
+  assert not np.array_equal(start[chosen], refined[chosen])  # the refinement did something
+  expected = start.copy()
+  expected[chosen] = refined[chosen]
+  chex.assert_trees_all_equal(got, jax.vmap(packing.slots_to_index)(expected))
