@@ -70,39 +70,38 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
   """Balanced largest differencing packing of one row ``[n]``, as ``slots [m, g]``.
 
   The items, sorted by weight (coarsely: near-equal weights may come in
-  index order, see :func:`_ops.descending_ranks`), are cut into ``g`` rounds of ``m``; each round
-  is a partial packing of one item per pack. Each of the ``g - 1`` steps
+  index order, see :func:`_ops.descending_ranks`), are cut into ``g`` rounds
+  of ``m``; each round is a partial packing of one item per pack. Each of the
+  ``g - 1`` steps
   merges the two partial packings whose pack loads spread the most (max -
   min), pairing the heaviest pack of one with the lightest of the other,
   until one packing is left. Partial packings keep their packs in ascending
-  load order, so a merge is one addition and one re-sort of ``m`` loads; the
-  state is, per round, the partial packing that owns it and the position of
-  each of its items there.
+  load order, so a merge is one addition and one re-sort of ``m`` loads (and
+  of their ``m x g`` items).
   """
   m = num_packs
   g = weight.shape[0] // m
   rounds = _ops.argsort_descending(weight, exact=False).astype(jnp.int32).reshape(g, m)[:, ::-1]
   partial = jnp.arange(g, dtype=jnp.int32)
-  position = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (g, m))
 
   def merge(_, state):
-    loads, owner, position = state
+    loads, owner, packs = state
     spread = jnp.where(owner == partial, loads[:, -1] - loads[:, 0], -jnp.inf)
     a = _ops.argmax_first(spread)
     b = _ops.argmax_first(jnp.where(partial == a, -jnp.inf, spread))
     merged = loads[a] + loads[b][::-1]
     rank = _ops.descending_ranks(-merged, exact=False)  # ascending
-    position = jnp.where(
-      (owner == a)[:, None],
-      rank[position],
-      jnp.where((owner == b)[:, None], rank[::-1][position], position),
-    )
+    # Pack j of a takes pack m - 1 - j of b: the rounds b owns come from b.
+    combined = jnp.where(owner == b, packs[b][::-1], packs[a])
+    packs = packs.at[a].set(jnp.zeros_like(combined).at[rank].set(combined))
     loads = loads.at[a].set(jnp.zeros_like(merged).at[rank].set(merged))
-    return loads, jnp.where(owner == b, a, owner), position
+    return loads, jnp.where(owner == b, a, owner), packs
 
-  init = (weight[rounds], partial, position)
-  _, _, position = jax.lax.fori_loop(0, g - 1, merge, init)
-  return jnp.zeros((m, g), jnp.int32).at[position, partial[:, None]].set(rounds)
+  # packs[p, j, i]: the item of round i in the pack at position j of partial p
+  # (meaningful for the rounds that partial p owns).
+  init = (weight[rounds], partial, jnp.broadcast_to(rounds.T, (g, m, g)))
+  _, owner, packs = jax.lax.fori_loop(0, g - 1, merge, init)
+  return packs[owner[0]]
 
 
 # Of the rows that share a layer (its nodes), only this many, those with the
