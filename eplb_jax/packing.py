@@ -111,18 +111,27 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
 REFINED_ROWS_PER_LAYER = 2
 
 
+def rows_to_refine(weight: jax.Array, slots: jax.Array, rows_per_layer: int) -> jax.Array:
+  """Which rows of ``weight [X, n]``, packed as ``slots [X, m, g]``, the refinement takes.
+
+  Runs of ``rows_per_layer`` rows share a layer; of each run, the
+  ``REFINED_ROWS_PER_LAYER`` rows with the heaviest packs (all rows if the run
+  is no longer). Returns int32 row indices, layer by layer.
+  """
+  rows = weight.shape[0]
+  if rows_per_layer <= REFINED_ROWS_PER_LAYER:
+    return jnp.arange(rows, dtype=jnp.int32)
+  heaviest = jax.vmap(lambda w, s: _ops.sum_last(w[s]).max())(weight, slots)
+  order = _ops.argsort_descending(heaviest.reshape(-1, rows_per_layer), exact=False)
+  first_row = jnp.arange(0, rows, rows_per_layer, dtype=jnp.int32)[:, None]
+  return (order[:, :REFINED_ROWS_PER_LAYER] + first_row).reshape(-1)
+
+
 def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int) -> jax.Array:
   """Differencing plus swap refinement of ``weight [X, n]``, as ``slots [X, m, g]``."""
   slots = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
-  refine = jax.vmap(refinement.refine_slots)
-  if rows_per_layer <= REFINED_ROWS_PER_LAYER:
-    return refine(weight, slots)
-  layers = weight.shape[0] // rows_per_layer
-  heaviest = jax.vmap(lambda w, s: _ops.sum_last(w[s]).max())(weight, slots)
-  order = _ops.argsort_descending(heaviest.reshape(layers, rows_per_layer), exact=False)
-  first_row = rows_per_layer * jnp.arange(layers, dtype=jnp.int32)[:, None]
-  chosen = (order[:, :REFINED_ROWS_PER_LAYER] + first_row).reshape(-1)
-  return slots.at[chosen].set(refine(weight[chosen], slots[chosen]))
+  chosen = rows_to_refine(weight, slots, rows_per_layer)
+  return slots.at[chosen].set(jax.vmap(refinement.refine_slots)(weight[chosen], slots[chosen]))
 
 
 def pack_rows(
