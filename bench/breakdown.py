@@ -1,8 +1,8 @@
 """Where the time of one placement goes, stage by stage, on one CPU core.
 
-Times each stage of the pipeline on its own (jitted; best of the repeats,
-pinned to one core) with the inputs the placement gives it, next to the
-whole call:
+Times each stage of the pipeline on its own, with the inputs the placement
+gives it, next to the whole call (jitted; pinned to one core; the stages
+take turns in rounds, best of the repeats):
 
     python bench/breakdown.py                       # all built-in shapes
     python bench/breakdown.py --shapes kimi-k2 --markdown bench/results/breakdown.md
@@ -37,16 +37,22 @@ from eplb_jax import replication
 from eplb_jax import workloads
 
 
-def _best_ms(fn: Callable, *args, repeats: int) -> float:
-  fn = jax.jit(fn)
-  jax.block_until_ready(fn(*args))
-  times = []
+def _best_ms(stages: dict[str, tuple[Callable, tuple]], repeats: int, rounds: int) -> dict:
+  """Best wall time of each stage in ms, the stages taking turns in ``rounds``."""
+  calls = {}
+  for name, (fn, args) in stages.items():
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    calls[name] = functools.partial(fn, *args)
+  best = dict.fromkeys(calls, float("inf"))
   with one_core.pinned():
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times.append(1e3 * (time.perf_counter() - start))
-  return min(times)
+    for _ in range(rounds):
+      for name, call in calls.items():
+        for _ in range(max(1, repeats // rounds)):
+          start = time.perf_counter()
+          jax.block_until_ready(call())
+          best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
+  return best
 
 
 def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tuple]]]:
@@ -98,20 +104,21 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", nargs="*", default=list(workloads.SHAPES))
-  parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--repeats", type=int, default=40)
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of them")
   parser.add_argument("--markdown", type=pathlib.Path, help="also write the table here")
   args = parser.parse_args()
 
   lines = [
-    f"jax {jax.__version__} on {jax.default_backend()}, one core; best of {args.repeats}",
+    f"jax {jax.__version__} on {jax.default_backend()}, one core; best of {args.repeats}"
+    f" calls in {args.rounds} interleaved rounds",
     "",
     "| shape | rows x items -> packs | stage | ms |",
     "|---|---|---|---:|",
   ]
   for name in args.shapes:
     problem, stages = _stages(workloads.SHAPES[name])
-    for stage, (fn, inputs) in stages.items():
-      ms = _best_ms(fn, *inputs, repeats=args.repeats)
+    for stage, ms in _best_ms(stages, args.repeats, args.rounds).items():
       lines.append(f"| {name} | {problem} | {stage} | {ms:.2f} |")
       print(lines[-1], flush=True)
   text = "\n".join(lines) + "\n"
