@@ -72,10 +72,9 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
   The items, sorted by weight (coarsely: near-equal weights may come in
   index order, see :func:`_ops.descending_ranks`), are cut into ``g`` rounds
   of ``m``; each round is a partial packing of one item per pack. Each of the
-  ``g - 1`` steps
-  merges the two partial packings whose pack loads spread the most (max -
-  min), pairing the heaviest pack of one with the lightest of the other,
-  until one packing is left. Partial packings keep their packs in ascending
+  ``g - 1`` steps merges the two partial packings whose pack loads spread the
+  most (max - min), pairing the heaviest pack of one with the lightest of the
+  other, until one packing is left. Partial packings keep their packs in ascending
   load order, so a merge is one addition and one re-sort of ``m`` loads (and
   of their ``m x g`` items).
   """
