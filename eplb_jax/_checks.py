@@ -61,7 +61,8 @@ def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Arra
     raise ValueError(f"{name} must be finite, found NaN or inf loads")
   if np.any(values < 0):
     raise ValueError(f"{name} must be non-negative, found negative loads")
-  return jnp.asarray(weight, jnp.float32)
+  # A jax array stays where it is; host input is converted once.
+  return jnp.asarray(weight if isinstance(weight, jax.Array) else values, jnp.float32)
 
 
 def sanitize_weight(weight: jax.Array) -> jax.Array:
