@@ -73,13 +73,6 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
   chosen = packing.rows_to_refine(items, start, num_nodes)
   refined_items, refined_start = items[chosen], start[chosen]
 
-  def converged(weight, slots):
-    budget, refinement.MAX_STEPS = refinement.MAX_STEPS, 1 << 20
-    try:
-      return jax.vmap(refinement.refine_slots)(weight, slots)
-    finally:
-      refinement.MAX_STEPS = budget
-
   sizes = (shape.num_replicas, shape.num_groups, shape.num_nodes, shape.num_gpus)
   problem = f"{items.shape[0]} x {items.shape[1]} -> {packs} ({chosen.shape[0]} rows refined)"
   return problem, {
@@ -97,7 +90,10 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
       jax.vmap(refinement.refine_slots),
       (refined_items, refined_start),
     ),
-    "refinement, converged": (converged, (refined_items, refined_start)),
+    "refinement, converged": (
+      jax.vmap(functools.partial(refinement.refine_slots, max_steps=1 << 20)),
+      (refined_items, refined_start),
+    ),
   }
 
 

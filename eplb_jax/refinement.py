@@ -106,12 +106,13 @@ def _step(step: jax.Array, slots: jax.Array, items: jax.Array):
   return exchange(slots), exchange(items), improves[heaviest]
 
 
-def refine_slots(weight: jax.Array, slots: jax.Array) -> jax.Array:
+def refine_slots(weight: jax.Array, slots: jax.Array, max_steps: int = MAX_STEPS) -> jax.Array:
   """Refines the packing ``slots [m, g]`` of one row of item weights ``[n]``.
 
   Args:
     weight: ``[n]`` float32 item weights.
     slots: ``[m, g]`` item indices, row ``p`` holding the items of pack ``p``.
+    max_steps: static bound on the steps of the ``lax.while_loop``.
 
   Returns:
     ``[m, g]`` refined slots: the same items regrouped (packs in any order),
@@ -128,7 +129,7 @@ def refine_slots(weight: jax.Array, slots: jax.Array) -> jax.Array:
 
   def cond(state):
     count, _, _, idle = state
-    return (count < MAX_STEPS) & (idle < groups)
+    return (count < max_steps) & (idle < groups)
 
   def body(state):
     count, slots, items, idle = state

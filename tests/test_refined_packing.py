@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import numpy as np
@@ -45,8 +47,9 @@ def test_differencing_matches_reference(n, num_packs):
     )
 
 
-def _refine(weight: np.ndarray, slots: np.ndarray) -> np.ndarray:
-  return np.asarray(jax.jit(jax.vmap(refinement.refine_slots))(weight, slots))
+def _refine(weight: np.ndarray, slots: np.ndarray, **kwargs) -> np.ndarray:
+  refine = functools.partial(refinement.refine_slots, **kwargs)
+  return np.asarray(jax.jit(jax.vmap(refine))(weight, slots))
 
 
 @pytest.mark.parametrize("num_packs, per_pack", [(2, 3), (8, 9), (16, 5), (64, 7)])
@@ -89,7 +92,7 @@ def _items_moved(start: np.ndarray, refined: np.ndarray) -> int:
   )
 
 
-def test_refinement_stops_within_its_budget(monkeypatch):
+def test_refinement_stops_within_its_budget():
   """Each step makes at most one exchange (two moved items) per group head."""
   num_packs, per_pack = 64, 16
   weight = _random_rows(1, num_packs * per_pack, seed=1)
@@ -97,8 +100,7 @@ def test_refinement_stops_within_its_budget(monkeypatch):
   start = start.reshape(1, num_packs, per_pack)
   heads = refinement.num_groups(num_packs)
   assert _items_moved(start[0], _refine(weight, start)[0]) > 2 * heads
-  monkeypatch.setattr(refinement, "MAX_STEPS", 1)
-  assert 0 < _items_moved(start[0], _refine(weight, start)[0]) <= 2 * heads
+  assert 0 < _items_moved(start[0], _refine(weight, start, max_steps=1)[0]) <= 2 * heads
 
 
 def test_only_the_heaviest_rows_of_each_layer_are_refined():
