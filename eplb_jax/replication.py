@@ -5,15 +5,17 @@ load ``w_e / cnt_e`` is largest (ties to the lower expert index). Because
 ``w_e / c`` decreases in ``c``, the sequence of picks is the merge of the
 per-expert sequences ``w_e / 1, w_e / 2, ...``: the ``R`` redundant slots go to
 the ``R`` largest candidates ``w_e / c`` (``c = 1..R``), ordered by value, then
-expert, then ``c``. No loop over the ``R`` picks is needed:
+expert, then ``c``. So the picks need no loop over them, though on CPU the
+loop is the cheapest way to make a few:
 
 * on accelerators one ``lax.top_k`` over the ``[E * R]`` candidates, laid out
   expert-major, finds them (``top_k`` breaks ties towards the lower index);
-* on CPU, where ``top_k`` of many candidates is slow, a bisection finds
-  the ``R``-th largest candidate value in 31 steps over ``[E]``, which fixes
-  how many picks each expert gets; the picks are then ordered by a rank count.
+* on CPU, where ``top_k`` is slow, up to 32 picks are made by the greedy's
+  own loop (``R`` steps over ``[E]``); for more, a bisection finds the
+  ``R``-th largest candidate value in 32 steps over ``[E]``, which fixes how
+  many picks each expert gets; the picks are then ordered by a rank count.
 
-Both give the reference's result exactly, float32 division included. The
+All give the reference's result exactly, float32 division included. The
 greedy minimises the largest per-replica load, so both modes use it.
 """
 
@@ -38,6 +40,21 @@ def _picks_top_k(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.
   candidates = weight[:, None] / counts
   _, picks = jax.lax.top_k(candidates.reshape(-1), num_redundant)
   return picks // num_redundant, picks % num_redundant + 1
+
+
+def _picks_loop(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.Array]:
+  """Same result as :func:`_picks_top_k`: the greedy itself, one pick per step."""
+  num_log = weight.shape[0]
+
+  def pick(i, state):
+    counts, expert, c = state
+    e = _ops.argmax_first(weight / counts)
+    chosen = jnp.arange(num_log) == e
+    return counts + chosen, expert.at[i].set(e), c.at[i].set(counts[e].astype(jnp.int32))
+
+  zeros = jnp.zeros(num_redundant, jnp.int32)
+  _, expert, c = jax.lax.fori_loop(0, num_redundant, pick, (jnp.ones_like(weight), zeros, zeros))
+  return expert, c
 
 
 def _count_at_least(weight: jax.Array, threshold: jax.Array, limit: int) -> jax.Array:
@@ -86,16 +103,18 @@ def _picks_bisection(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, 
   return expert[order], c[order]
 
 
-# On CPU, top_k up to this many candidates per row is still faster than bisection.
-_CPU_TOP_K_MAX_CANDIDATES = 4096
+# On CPU, the greedy's loop up to this many picks; beyond, the bisection (whose
+# 32 steps cost about as much as this many picks).
+_CPU_LOOP_MAX_PICKS = 32
 
 
 def _picks(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.Array]:
-  top_k = functools.partial(_picks_top_k, num_redundant=num_redundant)
-  if weight.shape[0] * num_redundant <= _CPU_TOP_K_MAX_CANDIDATES:
-    return top_k(weight)
-  bisection = functools.partial(_picks_bisection, num_redundant=num_redundant)
-  return jax.lax.platform_dependent(weight, cpu=bisection, default=top_k)
+  cpu = _picks_loop if num_redundant <= _CPU_LOOP_MAX_PICKS else _picks_bisection
+  return jax.lax.platform_dependent(
+    weight,
+    cpu=functools.partial(cpu, num_redundant=num_redundant),
+    default=functools.partial(_picks_top_k, num_redundant=num_redundant),
+  )
 
 
 def replicate_rows(weight: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Array, jax.Array]:
