@@ -84,7 +84,7 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
       functools.partial(_ops.argsort_descending, exact=False),
       (items,),
     ),
-    "greedy packing (sort included)": (lambda x: packing.pack_rows(x, packs, "greedy"), (items,)),
+    "greedy packing (sort included)": (lambda x: packing.pack_slots(x, packs, "greedy"), (items,)),
     "differencing start (sort included)": (differencing, (items,)),
     f"refinement, {refinement.MAX_STEPS}-step budget": (
       jax.vmap(refinement.refine_slots),

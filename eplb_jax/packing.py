@@ -16,8 +16,10 @@ node) and are ``vmap``-ped over rows.
   the rows are the nodes of layers, only each layer's rows with the heaviest
   packs are refined.
 
-The refinement works on ``slots [m, g]``: row ``p`` lists the items of pack
-``p``, the column being the item's rank in the pack.
+Both produce ``slots [m, g]``: row ``p`` lists the items of pack ``p``, the
+column being the item's rank in the pack (the placement uses them as the
+slot order of the GPUs); :func:`balanced_packing` converts them into
+DeepSeek's ``(pack_index, rank_in_pack)``.
 """
 
 from __future__ import annotations
@@ -32,28 +34,29 @@ from eplb_jax import _ops
 from eplb_jax import refinement
 
 
-def greedy_row(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
-  """DeepSeek's greedy packing of one row ``[n]``: ``(pack_index, rank_in_pack)``."""
+def greedy_slots(weight: jax.Array, num_packs: int) -> jax.Array:
+  """DeepSeek's greedy packing of one row ``[n]``, as ``slots [m, g]``."""
   n = weight.shape[0]
   per_pack = n // num_packs
-  order = _ops.argsort_descending(weight)
+  order = _ops.argsort_descending(weight).astype(jnp.int32)
   sorted_weight = weight[order]
 
   def place(i, state):
-    loads, counts, pack_of, rank_of = state
+    loads, counts, slots = state
     pack = _ops.argmin_first(jnp.where(counts < per_pack, loads, jnp.inf))
     chosen = jnp.arange(num_packs) == pack
     return (
       jnp.where(chosen, loads + sorted_weight[i], loads),
       counts + chosen,
-      pack_of.at[i].set(pack),
-      rank_of.at[i].set(counts[pack]),
+      slots.at[pack, counts[pack]].set(order[i]),
     )
 
-  zeros_m, zeros_n = jnp.zeros(num_packs, jnp.int32), jnp.zeros(n, jnp.int32)
-  init = (jnp.zeros(num_packs, jnp.float32), zeros_m, zeros_n, zeros_n)
-  _, _, pack_of, rank_of = jax.lax.fori_loop(0, n, place, init, unroll=4)
-  return zeros_n.at[order].set(pack_of), zeros_n.at[order].set(rank_of)
+  init = (
+    jnp.zeros(num_packs, jnp.float32),
+    jnp.zeros(num_packs, jnp.int32),
+    jnp.zeros((num_packs, per_pack), jnp.int32),
+  )
+  return jax.lax.fori_loop(0, n, place, init, unroll=4)[2]
 
 
 def slots_to_index(slots: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -133,10 +136,8 @@ def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int) -> jax
   return slots.at[chosen].set(jax.vmap(refinement.refine_slots)(weight[chosen], slots[chosen]))
 
 
-def pack_rows(
-  weight: jax.Array, num_packs: int, mode: str, rows_per_layer: int = 1
-) -> tuple[jax.Array, jax.Array]:
-  """Unchecked core of :func:`balanced_packing` (``weight`` float32 ``[X, n]``).
+def pack_slots(weight: jax.Array, num_packs: int, mode: str, rows_per_layer: int = 1) -> jax.Array:
+  """Unchecked core of :func:`balanced_packing`: float32 ``weight [X, n]`` as ``slots [X, m, g]``.
 
   Runs of ``rows_per_layer`` consecutive rows share a layer; in refined mode
   only ``REFINED_ROWS_PER_LAYER`` rows of each layer are refined.
@@ -145,11 +146,10 @@ def pack_rows(
   if n == num_packs:
     # One item per pack: every assignment is equally balanced, and the
     # reference keeps the identity order.
-    identity = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n))
-    return identity, jnp.zeros_like(identity)
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (rows, n, 1))
   if mode == "greedy":
-    return jax.vmap(functools.partial(greedy_row, num_packs=num_packs))(weight)
-  return jax.vmap(slots_to_index)(_refined_rows(weight, num_packs, rows_per_layer))
+    return jax.vmap(functools.partial(greedy_slots, num_packs=num_packs))(weight)
+  return _refined_rows(weight, num_packs, rows_per_layer)
 
 
 def balanced_packing(
@@ -177,4 +177,6 @@ def balanced_packing(
   return _pack_jit(weight, num_packs, mode)
 
 
-_pack_jit = jax.jit(pack_rows, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _pack_jit(weight: jax.Array, num_packs: int, mode: str) -> tuple[jax.Array, jax.Array]:
+  return jax.vmap(slots_to_index)(pack_slots(weight, num_packs, mode))

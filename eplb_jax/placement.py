@@ -45,21 +45,17 @@ def hierarchical_rows(
   """Unchecked core of :func:`rebalance_experts_hierarchical`."""
   num_layers, num_logical = weight.shape
   group_size = num_logical // num_groups
-  groups_per_node = num_groups // num_nodes
   experts_per_node = num_logical // num_nodes
-  slots_per_gpu = num_physical_experts // num_gpus
 
   # 1. Groups -> nodes. mlog ("node-major logical") numbers the experts node
   # by node, so each node owns a contiguous range of experts_per_node.
   # 2. Replicas within each node; rows are (layer, node) pairs from here on.
   group_load = _ops.sum_last(weight.reshape(num_layers, num_groups, group_size))
-
-  group_pack, group_rank = packing.pack_rows(group_load, num_nodes, mode)
-  log2mlog = (
-    ((group_pack * groups_per_node + group_rank) * group_size)[..., None]
-    + jnp.arange(group_size, dtype=jnp.int32)
+  mgroup2group = packing.pack_slots(group_load, num_nodes, mode).reshape(num_layers, -1)
+  mlog2log = (
+    (mgroup2group * group_size)[..., None] + jnp.arange(group_size, dtype=jnp.int32)
   ).reshape(num_layers, num_logical)
-  mlog2log = _inverse(log2mlog)
+  log2mlog = _inverse(mlog2log)
   mlog_load = _take(weight, mlog2log).reshape(-1, experts_per_node)
   phy2mlog, phyrank, mlogcnt = replication.replicate_rows(
     mlog_load, num_physical_experts // num_nodes
@@ -67,8 +63,8 @@ def hierarchical_rows(
 
   # 3. Replicas -> GPUs of their node; pphy numbers slots GPU by GPU.
   replica_load = _take(mlog_load / mlogcnt, phy2mlog)
-  gpu, rank_in_gpu = packing.pack_rows(replica_load, num_gpus // num_nodes, mode, num_nodes)
-  pphy2phy = _inverse(gpu * slots_per_gpu + rank_in_gpu)
+  gpu_slots = packing.pack_slots(replica_load, num_gpus // num_nodes, mode, num_nodes)
+  pphy2phy = gpu_slots.reshape(replica_load.shape)
 
   node_offset = jnp.arange(0, num_logical, experts_per_node, dtype=jnp.int32)
   pphy2mlog = _take(phy2mlog, pphy2phy).reshape(num_layers, num_nodes, -1)
