@@ -8,10 +8,11 @@ take turns in rounds, best of the repeats):
     python bench/breakdown.py --shapes kimi-k2 --markdown bench/results/breakdown.md
 
 The stages overlap with nothing, but XLA fuses across them inside the whole
-call, so they need not add up to it exactly. The refinement stages run on
-the rows the placement refines (on the hierarchical path, two nodes per
-layer); "refinement, converged" runs it with no step budget, to show what
-the budget saves.
+call, so they need not add up to it exactly. "Refined packing" is the
+placement's packing step; the "refinement alone" stages run on the rows it
+refines (on the hierarchical path, two nodes per layer), every row with the
+full step budget (the placement gives half of those rows only half of it)
+or with no budget, to show what the budget saves.
 """
 
 from __future__ import annotations
@@ -86,11 +87,15 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
     ),
     "greedy packing (sort included)": (lambda x: packing.pack_slots(x, packs, "greedy"), (items,)),
     "differencing start (sort included)": (differencing, (items,)),
-    f"refinement, {refinement.MAX_STEPS}-step budget": (
+    "refined packing (differencing + refinement)": (
+      lambda x: packing.pack_slots(x, packs, "refined", num_nodes),
+      (items,),
+    ),
+    f"refinement alone, {refinement.MAX_STEPS} steps per row": (
       jax.vmap(refinement.refine_slots),
       (refined_items, refined_start),
     ),
-    "refinement, converged": (
+    "refinement alone, converged": (
       jax.vmap(functools.partial(refinement.refine_slots, max_steps=1 << 20)),
       (refined_items, refined_start),
     ),

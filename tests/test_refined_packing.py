@@ -48,8 +48,13 @@ def test_differencing_matches_reference(n, num_packs):
 
 
 def _refine(weight: np.ndarray, slots: np.ndarray, **kwargs) -> np.ndarray:
+  return _refine_with_flag(weight, slots, **kwargs)[0]
+
+
+def _refine_with_flag(weight: np.ndarray, slots: np.ndarray, **kwargs) -> tuple[np.ndarray, ...]:
+  """Refined slots of each row, and whether its budget ran out while it still improved."""
   refine = functools.partial(refinement.refine_slots, **kwargs)
-  return np.asarray(jax.jit(jax.vmap(refine))(weight, slots))
+  return tuple(np.asarray(x) for x in jax.jit(jax.vmap(refine))(weight, slots))
 
 
 @pytest.mark.parametrize("num_packs, per_pack", [(2, 3), (8, 9), (16, 5), (64, 7)])
@@ -103,18 +108,41 @@ def test_refinement_stops_within_its_budget():
   assert 0 < _items_moved(start[0], _refine(weight, start, max_steps=1)[0]) <= 2 * heads
 
 
-def test_only_the_heaviest_rows_of_each_layer_are_refined():
-  """Of a layer's node rows, the two with the heaviest differencing pack are refined."""
-  layers, nodes, n, num_packs = 5, 4, 24, 4
+def test_refinement_reports_an_unfinished_budget():
+  """One step from a random start still improves; a converged refinement does not."""
+  weight = _random_rows(6, 72, seed=3)
+  rng = np.random.default_rng(3)
+  start = np.stack([rng.permutation(72).reshape(8, 9) for _ in range(6)]).astype(np.int32)
+  assert _refine_with_flag(weight, start, max_steps=1)[1].all()
+  assert not _refine_with_flag(weight, start, max_steps=1 << 20)[1].any()
+
+
+def test_node_rows_are_refined_in_two_rounds():
+  """Of a layer's node rows, the two with the heaviest differencing pack are refined:
+  all with half the step budget, then the most unbalanced of the rows still
+  improving (at most one per four layers) with the other half. The other rows
+  keep the differencing start."""
+  layers, nodes, n, num_packs = 8, 4, 72, 8
   weight = _random_rows(layers * nodes, n, seed=7)
-  got = jax.jit(packing.pack_slots, static_argnums=(1, 2, 3))(weight, num_packs, "refined", nodes)
+  got = np.asarray(
+    jax.jit(packing.pack_slots, static_argnums=(1, 2, 3))(weight, num_packs, "refined", nodes)
+  )
 
   start = np.asarray(jax.vmap(lambda w: packing.differencing_slots(w, num_packs))(weight))
-  refined = _refine(weight, start)
   heaviest = np.stack([_pack_loads(w, s).max() for w, s in zip(weight, start, strict=True)])
   top = np.argsort(-heaviest.reshape(layers, nodes), axis=1, kind="stable")[:, :2]
   chosen = (top + nodes * np.arange(layers)[:, None]).ravel()
-  assert not np.array_equal(start[chosen], refined[chosen])  # the refinement did something
-  expected = start.copy()
-  expected[chosen] = refined[chosen]
-  chex.assert_trees_all_equal(got, expected)
+  others = np.setdiff1d(np.arange(layers * nodes), chosen)
+  chex.assert_trees_all_equal(got[others], start[others])
+
+  half = refinement.MAX_STEPS // 2
+  first, unfinished = _refine_with_flag(weight[chosen], start[chosen], max_steps=half)
+  second = _refine(weight[chosen], first, max_steps=refinement.MAX_STEPS - half)
+  loads = np.stack([_pack_loads(w, s) for w, s in zip(weight[chosen], first, strict=True)])
+  imbalance = np.where(unfinished, loads.max(1) / loads.sum(1), -1)
+  assert unfinished.sum() > layers // 4  # more candidates than continue
+  again = np.argsort(-imbalance, kind="stable")[: layers // 4]
+  expected = first.copy()
+  expected[again] = second[again]
+  assert not np.array_equal(expected, first)
+  chex.assert_trees_all_equal(got[chosen], expected)
