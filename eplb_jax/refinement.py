@@ -91,16 +91,18 @@ def _step(step: jax.Array, slots: jax.Array, items: jax.Array):
   )  # [k], an index into r * g
   improves = score_a.min(axis=-1) < head_load * (1 - _REL_TOL)
 
-  slot_ids = jnp.arange(per_pack)
-  at_a = (is_head & improves[:, None])[..., None] & (slot_ids == a[:, None, None])
-  b_source = b[source]  # the slot of group i that its source head takes
-  at_b = (jnp.arange(rows) == (b_source // per_pack)[:, None]) & improves[source][:, None]
-  at_b = at_b[..., None] & (slot_ids == (b_source % per_pack)[:, None, None])
+  # Flat positions (pack row * g + slot) of the exchanged items in their group.
+  flat_a = head_row * per_pack + a
+  pos_a = jnp.where(improves, flat_a, -1)  # in group j, taken by head j
+  pos_b = jnp.where(improves, b, -1)[source]  # in group i, taken by head source[i]
+  flat = jnp.arange(rows * per_pack)
 
   def exchange(x):
-    x_a = jnp.take_along_axis(jnp.where(is_head[..., None], x, 0).sum(axis=1), a[:, None], 1)
-    x_b = jnp.take_along_axis(x.reshape(groups, -1)[partner], b[:, None], axis=1)
-    return jnp.where(at_a, x_b[:, :, None], jnp.where(at_b, x_a[source][:, :, None], x))
+    x = x.reshape(groups, -1)
+    x_a = jnp.take_along_axis(x, flat_a[:, None], axis=1)
+    x_b = jnp.take_along_axis(x[partner], b[:, None], axis=1)
+    x = jnp.where(flat == pos_a[:, None], x_b, jnp.where(flat == pos_b[:, None], x_a[source], x))
+    return x.reshape(groups, rows, per_pack)
 
   heaviest = _ops.argmax_first(head_load)
   return exchange(slots), exchange(items), improves[heaviest]
