@@ -112,10 +112,12 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
 # gives the same balancedness.
 REFINED_ROWS_PER_LAYER = 2
 
-# On that path the refinement runs in two rounds: every chosen row takes half
-# the step budget, then only the rows still improving, at most one per this
-# many layers, take the other half. (On DeepSeek-V3 prefill 11-14 of its 116
-# rows still improve after 8 steps; the result equals 16 steps for every row.)
+# On that path the refinement runs in two rounds: every chosen row takes the
+# first steps of the budget; then, of each layer, the chosen row with the
+# heaviest pack takes the rest if it is still improving, at most one row per
+# _LAYERS_PER_CONTINUED_ROW layers (the most unbalanced). On the hierarchical
+# benchmark shapes the result equals the whole budget for every chosen row.
+_FIRST_ROUND_STEPS = 6
 _LAYERS_PER_CONTINUED_ROW = 4
 
 
@@ -147,13 +149,15 @@ def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int) -> jax
   if rows_per_layer <= REFINED_ROWS_PER_LAYER:
     return _refine_rows(weight, slots, refinement.MAX_STEPS)[0]
   chosen = rows_to_refine(weight, slots, rows_per_layer)
-  refined, unfinished = _refine_rows(weight[chosen], slots[chosen], refinement.MAX_STEPS // 2)
-  # The rows to continue: unfinished ones, the most unbalanced first.
+  refined, unfinished = _refine_rows(weight[chosen], slots[chosen], _FIRST_ROUND_STEPS)
   loads = jax.vmap(lambda w, s: _ops.sum_last(w[s]))(weight[chosen], refined)
-  imbalance = jnp.where(unfinished, loads.max(axis=1) / loads.sum(axis=1), -1.0)
+  heaviest = loads.max(axis=1)
+  per_layer = heaviest.reshape(-1, REFINED_ROWS_PER_LAYER)
+  sets_balance = (per_layer == per_layer.max(axis=1, keepdims=True)).reshape(-1)
+  imbalance = jnp.where(unfinished & sets_balance, heaviest / loads.sum(axis=1), -1.0)
   num_continued = max(1, weight.shape[0] // rows_per_layer // _LAYERS_PER_CONTINUED_ROW)
   again = _ops.argsort_descending(imbalance, exact=False)[:num_continued]
-  steps = refinement.MAX_STEPS - refinement.MAX_STEPS // 2
+  steps = refinement.MAX_STEPS - _FIRST_ROUND_STEPS
   refined = refined.at[again].set(_refine_rows(weight[chosen][again], refined[again], steps)[0])
   return slots.at[chosen].set(refined)
 
