@@ -146,6 +146,10 @@ def _refine_rows(
 def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int) -> jax.Array:
   """Differencing plus swap refinement of ``weight [X, n]``, as ``slots [X, m, g]``."""
   slots = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
+  if weight.shape[1] <= 2 * num_packs:
+    # Two items per pack: differencing pairs the i-th heaviest item with the
+    # i-th lightest, which minimises the heaviest pack; nothing to refine.
+    return slots
   if rows_per_layer <= REFINED_ROWS_PER_LAYER:
     return _refine_rows(weight, slots, refinement.MAX_STEPS)[0]
   chosen = rows_to_refine(weight, slots, rows_per_layer)

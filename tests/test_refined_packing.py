@@ -47,6 +47,25 @@ def test_differencing_matches_reference(n, num_packs):
     )
 
 
+def _best_pairing_max(weight: np.ndarray) -> float:
+  """The lowest possible heaviest pack over all ways to pair up ``weight [2m]``."""
+  if weight.size == 0:
+    return 0.0
+  first, rest = weight[0], weight[1:]
+  return min(max(first + rest[i], _best_pairing_max(np.delete(rest, i))) for i in range(rest.size))
+
+
+def test_two_items_per_pack_are_paired_optimally():
+  """With two items per pack the refined packing reaches the best pairing's heaviest pack."""
+  weight = _random_rows(10, 10, seed=11)
+  slots = np.asarray(jax.jit(packing.pack_slots, static_argnums=(1, 2))(weight, 5, "refined"))
+  for row in range(10):
+    np.testing.assert_array_equal(np.sort(slots[row].ravel()), np.arange(10))
+    np.testing.assert_allclose(
+      _pack_loads(weight[row], slots[row]).max(), _best_pairing_max(weight[row]), rtol=1e-6
+    )
+
+
 def _refine(weight: np.ndarray, slots: np.ndarray, **kwargs) -> np.ndarray:
   return _refine_with_flag(weight, slots, **kwargs)[0]
 
