@@ -70,8 +70,8 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
   items = jnp.take_along_axis(node_load / logcnt, phy2log, axis=-1)
   packs = shape.num_gpus // num_nodes
   differencing = jax.vmap(functools.partial(packing.differencing_slots, num_packs=packs))
-  start = jax.jit(differencing)(items)
-  chosen = packing.rows_to_refine(items, start, num_nodes)
+  start, loads = jax.jit(differencing)(items)
+  chosen = packing.rows_to_refine(loads.max(axis=1), num_nodes)
   refined_items, refined_start = items[chosen], start[chosen]
 
   sizes = (shape.num_replicas, shape.num_groups, shape.num_nodes, shape.num_gpus)

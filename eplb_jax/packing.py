@@ -69,8 +69,8 @@ def slots_to_index(slots: jax.Array) -> tuple[jax.Array, jax.Array]:
   return empty.at[items].set(pack), empty.at[items].set(rank)
 
 
-def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
-  """Balanced largest differencing packing of one row ``[n]``, as ``slots [m, g]``.
+def differencing_slots(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
+  """Balanced largest differencing packing of one row ``[n]``: ``(slots [m, g], loads [m])``.
 
   The items, sorted by weight (coarsely: near-equal weights may come in
   index order, see :func:`_ops.descending_ranks`), are cut into ``g`` rounds
@@ -102,8 +102,8 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> jax.Array:
   # packs[p, j, i]: the item of round i in the pack at position j of partial p
   # (meaningful for the rounds that partial p owns).
   init = (weight[rounds], partial, jnp.broadcast_to(rounds.T, (g, m, g)))
-  _, owner, packs = jax.lax.fori_loop(0, g - 1, merge, init)
-  return packs[owner[0]]
+  loads, owner, packs = jax.lax.fori_loop(0, g - 1, merge, init)
+  return packs[owner[0]], loads[owner[0]]
 
 
 # Of the rows that share a layer (its nodes), only this many, those with the
@@ -121,17 +121,16 @@ _FIRST_ROUND_STEPS = 6
 _LAYERS_PER_CONTINUED_ROW = 4
 
 
-def rows_to_refine(weight: jax.Array, slots: jax.Array, rows_per_layer: int) -> jax.Array:
-  """Which rows of ``weight [X, n]``, packed as ``slots [X, m, g]``, the refinement takes.
+def rows_to_refine(heaviest: jax.Array, rows_per_layer: int) -> jax.Array:
+  """Which rows the refinement takes, given the heaviest pack load of each row ``[X]``.
 
   Runs of ``rows_per_layer`` rows share a layer; of each run, the
   ``REFINED_ROWS_PER_LAYER`` rows with the heaviest packs (all rows if the run
   is no longer). Returns int32 row indices, layer by layer.
   """
-  rows = weight.shape[0]
+  rows = heaviest.shape[0]
   if rows_per_layer <= REFINED_ROWS_PER_LAYER:
     return jnp.arange(rows, dtype=jnp.int32)
-  heaviest = jax.vmap(lambda w, s: _ops.sum_last(w[s]).max())(weight, slots)
   order = _ops.argsort_descending(heaviest.reshape(-1, rows_per_layer), exact=False)
   first_row = jnp.arange(0, rows, rows_per_layer, dtype=jnp.int32)[:, None]
   return (order[:, :REFINED_ROWS_PER_LAYER] + first_row).reshape(-1)
@@ -145,14 +144,14 @@ def _refine_rows(
 
 def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int) -> jax.Array:
   """Differencing plus swap refinement of ``weight [X, n]``, as ``slots [X, m, g]``."""
-  slots = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
+  slots, start_loads = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
   if weight.shape[1] <= 2 * num_packs:
     # Two items per pack: differencing pairs the i-th heaviest item with the
     # i-th lightest, which minimises the heaviest pack; nothing to refine.
     return slots
   if rows_per_layer <= REFINED_ROWS_PER_LAYER:
     return _refine_rows(weight, slots, refinement.MAX_STEPS)[0]
-  chosen = rows_to_refine(weight, slots, rows_per_layer)
+  chosen = rows_to_refine(start_loads.max(axis=1), rows_per_layer)
   refined, unfinished = _refine_rows(weight[chosen], slots[chosen], _FIRST_ROUND_STEPS)
   loads = jax.vmap(lambda w, s: _ops.sum_last(w[s]))(weight[chosen], refined)
   heaviest = loads.max(axis=1)

@@ -36,7 +36,8 @@ def _random_rows(rows: int, n: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("n, num_packs", [(8, 4), (12, 3), (72, 8), (64, 64 // 2), (30, 5)])
 def test_differencing_matches_reference(n, num_packs):
   weight = _random_rows(6, n, seed=n)
-  slots = np.asarray(jax.vmap(lambda w: packing.differencing_slots(w, num_packs))(weight))
+  slots, loads = jax.vmap(lambda w: packing.differencing_slots(w, num_packs))(weight)
+  slots = np.asarray(slots)
   assert slots.shape == (6, num_packs, n // num_packs)
   for row in range(6):
     np.testing.assert_array_equal(np.sort(slots[row].ravel()), np.arange(n))
@@ -45,6 +46,7 @@ def test_differencing_matches_reference(n, num_packs):
       _differencing_reference(weight[row], num_packs),
       rtol=1e-5,
     )
+    np.testing.assert_allclose(loads[row], _pack_loads(weight[row], slots[row]), rtol=1e-5)
 
 
 def _best_pairing_max(weight: np.ndarray) -> float:
@@ -148,7 +150,7 @@ def test_node_rows_are_refined_in_two_rounds():
     jax.jit(packing.pack_slots, static_argnums=(1, 2, 3))(weight, num_packs, "refined", nodes)
   )
 
-  start = np.asarray(jax.vmap(lambda w: packing.differencing_slots(w, num_packs))(weight))
+  start = np.asarray(jax.vmap(lambda w: packing.differencing_slots(w, num_packs))(weight)[0])
   heaviest = np.stack([_pack_loads(w, s).max() for w, s in zip(weight, start, strict=True)])
   top = np.argsort(-heaviest.reshape(layers, nodes), axis=1, kind="stable")[:, :2]
   chosen = (top + nodes * np.arange(layers)[:, None]).ravel()
