@@ -47,13 +47,17 @@ def _picks_loop(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.A
   num_log = weight.shape[0]
 
   def pick(i, state):
-    counts, expert, c = state
-    e = _ops.argmax_first(weight / counts)
+    counts, per_replica, expert, c = state
+    e = _ops.argmax_first(per_replica)
     chosen = jnp.arange(num_log) == e
-    return counts + chosen, expert.at[i].set(e), c.at[i].set(counts[e].astype(jnp.int32))
+    # Only the chosen expert's load per replica changes: one division per row.
+    per_replica = jnp.where(chosen, weight[e] / (counts[e] + 1), per_replica)
+    c = c.at[i].set(counts[e].astype(jnp.int32))
+    return counts + chosen, per_replica, expert.at[i].set(e), c
 
   zeros = jnp.zeros(num_redundant, jnp.int32)
-  _, expert, c = jax.lax.fori_loop(0, num_redundant, pick, (jnp.ones_like(weight), zeros, zeros))
+  init = (jnp.ones_like(weight), weight, zeros, zeros)
+  _, _, expert, c = jax.lax.fori_loop(0, num_redundant, pick, init)
   return expert, c
 
 
