@@ -77,33 +77,33 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> tuple[jax.Array, ja
   of ``m``; each round is a partial packing of one item per pack. Each of the
   ``g - 1`` steps merges the two partial packings whose pack loads spread the
   most (max - min), pairing the heaviest pack of one with the lightest of the
-  other, until one packing is left. Partial packings keep their packs in ascending
-  load order, so a merge is one addition and one re-sort of ``m`` loads (and
-  of their ``m x g`` items).
+  other, until one packing is left. Partial packings keep their packs in
+  ascending load order, so a merge is one addition and one re-sort of ``m``
+  loads. Column ``i`` of ``slots`` holds round ``i``'s items by position in
+  the partial packing that owns the round; a merge permutes the columns of
+  the two merged partials (one gather of ``m x g`` items).
   """
   m = num_packs
   g = weight.shape[0] // m
   rounds = _ops.argsort_descending(weight, exact=False).astype(jnp.int32).reshape(g, m)[:, ::-1]
   partial = jnp.arange(g, dtype=jnp.int32)
+  position = jnp.arange(m, dtype=jnp.int32)[:, None]
 
   def merge(_, state):
-    loads, owner, packs = state
+    loads, owner, slots = state
     spread = jnp.where(owner == partial, loads[:, -1] - loads[:, 0], -jnp.inf)
     a = _ops.argmax_first(spread)
     b = _ops.argmax_first(jnp.where(partial == a, -jnp.inf, spread))
-    merged = loads[a] + loads[b][::-1]
-    rank = _ops.descending_ranks(-merged, exact=False)  # ascending
-    # Pack j of a takes pack m - 1 - j of b: the rounds b owns come from b.
-    combined = jnp.where(owner == b, packs[b][::-1], packs[a])
-    packs = packs.at[a].set(jnp.zeros_like(combined).at[rank].set(combined))
-    loads = loads.at[a].set(jnp.zeros_like(merged).at[rank].set(merged))
-    return loads, jnp.where(owner == b, a, owner), packs
+    merged = loads[a] + loads[b][::-1]  # pack j of a takes pack m - 1 - j of b
+    order = _ops.argsort_descending(-merged, exact=False)[:, None]  # ascending
+    source = jnp.where(owner == a, order, jnp.where(owner == b, m - 1 - order, position))
+    slots = jnp.take_along_axis(slots, source, axis=0)
+    loads = loads.at[a].set(merged[order[:, 0]])
+    return loads, jnp.where(owner == b, a, owner), slots
 
-  # packs[p, j, i]: the item of round i in the pack at position j of partial p
-  # (meaningful for the rounds that partial p owns).
-  init = (weight[rounds], partial, jnp.broadcast_to(rounds.T, (g, m, g)))
-  loads, owner, packs = jax.lax.fori_loop(0, g - 1, merge, init)
-  return packs[owner[0]], loads[owner[0]]
+  init = (weight[rounds], partial, rounds.T)
+  loads, owner, slots = jax.lax.fori_loop(0, g - 1, merge, init)
+  return slots, loads[owner[0]]
 
 
 # Of the rows that share a layer (its nodes), only this many, those with the
