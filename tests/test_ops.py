@@ -9,7 +9,7 @@ import pytest
 from eplb_jax import _ops
 
 
-@pytest.mark.parametrize("n", [1, 2, 127, 128, 129, 200, 448, 640, 1000])
+@pytest.mark.parametrize("n", [1, 2, 72, 96, 97, 127, 128, 129, 200, 448, 640, 1000])
 def test_argsort_descending_is_the_stable_order(n):
   """Rank counting (n <= 128) and runs merged by the bitonic network (longer rows)."""
   rng = np.random.default_rng(n)
@@ -21,7 +21,7 @@ def test_argsort_descending_is_the_stable_order(n):
     np.testing.assert_array_equal(order, np.argsort(-x, axis=-1, kind="stable"))
 
 
-@pytest.mark.parametrize("n", [5, 128, 129, 448])
+@pytest.mark.parametrize("n", [5, 96, 97, 128, 129, 448])
 def test_coarse_argsort_ignores_only_the_lowest_bits(n):
   """exact=False: a permutation; the stable order of values that differ by more than its
   precision, and index order among values that differ by less."""
