@@ -56,7 +56,7 @@ def greedy_slots(weight: jax.Array, num_packs: int) -> jax.Array:
     jnp.zeros(num_packs, jnp.int32),
     jnp.zeros((num_packs, per_pack), jnp.int32),
   )
-  return jax.lax.fori_loop(0, n, place, init, unroll=4)[2]
+  return jax.lax.fori_loop(0, n, place, init)[2]
 
 
 def slots_to_index(slots: jax.Array) -> tuple[jax.Array, jax.Array]:
