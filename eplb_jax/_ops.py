@@ -4,9 +4,12 @@ XLA:CPU runs variadic reductions (``argmin``/``argmax``) and ``sort`` an order
 of magnitude slower than plain reductions and elementwise code, and the
 balancer calls them inside its loops. These replacements keep the exact
 semantics the reference relies on (first index among ties, stable order)
-using only plain reductions and comparisons. The refined mode, which needs
-no exact order, sorts with ``exact=False``: distinct int32 keys that keep a
-float's order to about ``2**-14`` relative, one compare per pair.
+using only plain reductions and comparisons. Long rows are sorted by a
+bitonic network over distinct int32 keys (the value's order-preserving bits
+with the index in the low bits); the exact order takes two such sorts, one
+per half of the value's bits, as in a radix sort. The refined mode, which
+needs no exact order, sorts once with ``exact=False``: keys that keep a
+float's order to about ``2**-14`` relative.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ def argmax_first(x: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.where(at_max, iota, x.shape[axis]).min(axis=axis)
 
 
+def _ordered_int(x: jax.Array) -> jax.Array:
+  """Maps float32 ``x`` to int32 in the same order (``-0.0`` below ``0.0``)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 def _coarse_key(x: jax.Array) -> jax.Array:
   """Distinct int32 keys that order ``x [..., n]`` (float32) descending, ties to the lower index.
 
@@ -53,9 +62,7 @@ def _coarse_key(x: jax.Array) -> jax.Array:
   """
   n = x.shape[-1]
   low = (1 << max(n - 1, 0).bit_length()) - 1
-  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-  ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-  return (ordered & ~low) | (low - jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1))
+  return (_ordered_int(x) & ~low) | (low - jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1))
 
 
 # Rows up to this long are rank-counted by an unrolled chain; longer ones
@@ -114,49 +121,34 @@ _RANK_COUNT_MAX = 128
 _BITONIC_RUN = 64
 
 
-def _bitonic_sort(key: jax.Array, index: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
-  """Sorts ``key [..., size]`` descending (``size`` a power of two), with its ``index``.
+def _sort_indexed(key: jax.Array) -> jax.Array:
+  """Descending order of distinct int32 ``key [..., size]`` (``size`` a power of two).
 
-  Runs of ``_BITONIC_RUN`` are sorted by rank counting, then merged by
-  compare-exchange stages of elementwise code (``log2(size / run)``
-  phases). With ``index``, equal keys go to the lower index (a total order,
-  so the result is the stable order); without, keys are distinct.
+  The keys' ``log2(size)`` lowest bits hold ``size - 1 - index``; returns the
+  indices in key order. Runs of ``_BITONIC_RUN`` are sorted by rank counting,
+  then merged by compare-exchange stages of elementwise code
+  (``log2(size / run)`` phases).
   """
   *batch, size = key.shape
   run = min(size, _BITONIC_RUN)
-  arrays = [x.reshape(*batch, size // run, run) for x in (key, index) if x is not None]
-  ranks = _ranks(arrays[0], arrays[1] if index is not None else None)
+  runs = key.reshape(*batch, size // run, run)
+  ranks = _ranks(runs, None)
   # Runs alternate direction, descending first, as the network expects them.
   ascending = jnp.arange(size // run) % 2 == 1
-  ranks = jnp.where(ascending[:, None], run - 1 - ranks, ranks)
-  arrays = [_by_rank(x, ranks).reshape(*batch, size) for x in arrays]
+  key = _by_rank(runs, jnp.where(ascending[:, None], run - 1 - ranks, ranks)).reshape(key.shape)
   k = 2 * run
   while k <= size:
     j = k // 2
     while j >= 1:
-      shape = (*batch, size // (2 * j), 2, j)
-      pairs = [x.reshape(shape) for x in arrays]
-      (k_lo, k_hi), *rest = [(x[..., 0, :], x[..., 1, :]) for x in pairs]
-      lo_first = k_lo > k_hi
-      if rest:
-        i_lo, i_hi = rest[0]
-        lo_first |= (k_lo == k_hi) & (i_lo < i_hi)
+      pairs = key.reshape(*batch, size // (2 * j), 2, j)
+      lo, hi = pairs[..., 0, :], pairs[..., 1, :]
       # Blocks alternate direction so that each k-run ends up bitonic-merged.
       descending = ((jnp.arange(size // (2 * j)) * 2 * j) // k) % 2 == 0
-      swap = lo_first != descending[:, None]
-      arrays = [
-        jnp.stack(
-          [
-            jnp.where(swap, x[..., 1, :], x[..., 0, :]),
-            jnp.where(swap, x[..., 0, :], x[..., 1, :]),
-          ],
-          -2,
-        ).reshape(*batch, size)
-        for x in pairs
-      ]
+      swap = (lo > hi) != descending[:, None]
+      key = jnp.stack([jnp.where(swap, hi, lo), jnp.where(swap, lo, hi)], -2).reshape(key.shape)
       j //= 2
     k *= 2
-  return arrays[0], arrays[1] if index is not None else None
+  return (size - 1) - (key & (size - 1))
 
 
 def argsort_descending(x: jax.Array, exact: bool = True) -> jax.Array:
@@ -171,9 +163,21 @@ def argsort_descending(x: jax.Array, exact: bool = True) -> jax.Array:
     return _by_rank(iota, descending_ranks(x, exact))
   size = 1 << (n - 1).bit_length()
   pad = [(0, 0)] * len(batch) + [(0, size - n)]
-  padded = jnp.pad(x, pad, constant_values=-jnp.inf)
-  if exact:
-    index = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), padded.shape)
-    return _bitonic_sort(padded, index)[1][..., :n]
-  key, _ = _bitonic_sort(_coarse_key(padded), None)
-  return (size - 1) - (key[..., :n] & (size - 1))  # the index, from the key's low bits
+  # -0.0 ties with 0.0 in the exact order, as in a float comparison.
+  padded = jnp.pad(jnp.where(x == 0, 0.0, x) if exact else x, pad, constant_values=-jnp.inf)
+  if not exact:
+    return _sort_indexed(_coarse_key(padded))[..., :n]
+  # Exact: two sorts of distinct keys, least significant part first (as in a
+  # radix sort). The value's order-preserving bits split into a high and a low
+  # part; the first sort orders by (low part, index), the second by (high
+  # part, position after the first), which is the order by (value, index).
+  index_bits = size.bit_length() - 1
+  if index_bits > 15:  # the second key needs 1 + 2 * index_bits bits
+    raise ValueError(f"exact sorts take rows of at most 32768 elements, got {n}")
+  low_bits = 31 - index_bits
+  iota = jax.lax.broadcasted_iota(jnp.int32, padded.shape, padded.ndim - 1)
+  ordered = _ordered_int(padded)
+  by_low = _sort_indexed(((ordered & ((1 << low_bits) - 1)) << index_bits) | (size - 1 - iota))
+  high = jnp.take_along_axis(ordered >> low_bits, by_low, axis=-1)
+  by_high = _sort_indexed((high << index_bits) | (size - 1 - iota))
+  return jnp.take_along_axis(by_low, by_high, axis=-1)[..., :n]

@@ -11,11 +11,15 @@ from eplb_jax import _ops
 
 @pytest.mark.parametrize("n", [1, 2, 72, 96, 97, 127, 128, 129, 200, 448, 640, 1000])
 def test_argsort_descending_is_the_stable_order(n):
-  """Rank counting (n <= 128) and runs merged by the bitonic network (longer rows)."""
+  """Rank counting (n <= 128) and two sorts by bitonic networks (longer rows), on ties,
+  values one ulp apart (only the low part of the key differs), signs and signed zeros."""
   rng = np.random.default_rng(n)
   tied = rng.integers(0, 7, size=(3, n)).astype(np.float32)
   distinct = rng.permutation(3 * n).reshape(3, n).astype(np.float32)
-  for x in (tied, distinct, np.zeros((2, n), np.float32)):
+  ulps = rng.integers(0, 4, size=(2, n)).astype(np.float32) * np.float32(2**-23)
+  near = (np.float32(1.0) + ulps) * rng.choice([-1, 1], size=(2, n)).astype(np.float32)
+  signed = rng.choice(np.array([-1.0, -0.0, 0.0, 2.5], np.float32), size=(2, n))
+  for x in (tied, distinct, np.zeros((2, n), np.float32), near, signed):
     order = np.asarray(jax.jit(_ops.argsort_descending)(x))
     assert order.dtype == np.int32
     np.testing.assert_array_equal(order, np.argsort(-x, axis=-1, kind="stable"))
