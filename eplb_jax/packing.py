@@ -113,12 +113,11 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> tuple[jax.Array, ja
 REFINED_ROWS_PER_LAYER = 2
 
 # On that path the refinement runs in two rounds: every chosen row takes the
-# first steps of the budget; then, of each layer, the chosen row with the
-# heaviest pack takes the rest if it is still improving, at most one row per
-# _LAYERS_PER_CONTINUED_ROW layers (the most unbalanced). On the hierarchical
-# benchmark shapes the result equals the whole budget for every chosen row.
+# first steps of the budget; then, of each layer, only the chosen row with the
+# heaviest pack (the one that sets the layer's balance) takes the rest. On the
+# hierarchical benchmark shapes the result equals the whole budget for every
+# chosen row.
 _FIRST_ROUND_STEPS = 6
-_LAYERS_PER_CONTINUED_ROW = 4
 
 
 def rows_to_refine(heaviest: jax.Array, rows_per_layer: int) -> jax.Array:
@@ -136,9 +135,7 @@ def rows_to_refine(heaviest: jax.Array, rows_per_layer: int) -> jax.Array:
   return (order[:, :REFINED_ROWS_PER_LAYER] + first_row).reshape(-1)
 
 
-def _refine_rows(
-  weight: jax.Array, slots: jax.Array, max_steps: int
-) -> tuple[jax.Array, jax.Array]:
+def _refine_rows(weight: jax.Array, slots: jax.Array, max_steps: int) -> jax.Array:
   return jax.vmap(functools.partial(refinement.refine_slots, max_steps=max_steps))(weight, slots)
 
 
@@ -150,18 +147,15 @@ def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int) -> jax
     # i-th lightest, which minimises the heaviest pack; nothing to refine.
     return slots
   if rows_per_layer <= REFINED_ROWS_PER_LAYER:
-    return _refine_rows(weight, slots, refinement.MAX_STEPS)[0]
+    return _refine_rows(weight, slots, refinement.MAX_STEPS)
   chosen = rows_to_refine(start_loads.max(axis=1), rows_per_layer)
-  refined, unfinished = _refine_rows(weight[chosen], slots[chosen], _FIRST_ROUND_STEPS)
-  loads = jax.vmap(lambda w, s: _ops.sum_last(w[s]))(weight[chosen], refined)
-  heaviest = loads.max(axis=1)
+  refined = _refine_rows(weight[chosen], slots[chosen], _FIRST_ROUND_STEPS)
+  # Of each layer's refined rows, the one with the heaviest pack continues.
+  heaviest = jax.vmap(lambda w, s: _ops.sum_last(w[s]).max())(weight[chosen], refined)
   per_layer = heaviest.reshape(-1, REFINED_ROWS_PER_LAYER)
-  sets_balance = (per_layer == per_layer.max(axis=1, keepdims=True)).reshape(-1)
-  imbalance = jnp.where(unfinished & sets_balance, heaviest / loads.sum(axis=1), -1.0)
-  num_continued = max(1, weight.shape[0] // rows_per_layer // _LAYERS_PER_CONTINUED_ROW)
-  again = _ops.argsort_descending(imbalance, exact=False)[:num_continued]
+  again = _ops.argmax_first(per_layer) + jnp.arange(0, chosen.shape[0], REFINED_ROWS_PER_LAYER)
   steps = refinement.MAX_STEPS - _FIRST_ROUND_STEPS
-  refined = refined.at[again].set(_refine_rows(weight[chosen][again], refined[again], steps)[0])
+  refined = refined.at[again].set(_refine_rows(weight[chosen][again], refined[again], steps))
   return slots.at[chosen].set(refined)
 
 

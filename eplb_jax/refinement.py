@@ -108,9 +108,7 @@ def _step(step: jax.Array, slots: jax.Array, items: jax.Array):
   return exchange(slots), exchange(items), improves[heaviest]
 
 
-def refine_slots(
-  weight: jax.Array, slots: jax.Array, max_steps: int = MAX_STEPS
-) -> tuple[jax.Array, jax.Array]:
+def refine_slots(weight: jax.Array, slots: jax.Array, max_steps: int = MAX_STEPS) -> jax.Array:
   """Refines the packing ``slots [m, g]`` of one row of item weights ``[n]``.
 
   Args:
@@ -120,8 +118,7 @@ def refine_slots(
 
   Returns:
     ``[m, g]`` refined slots: the same items regrouped (packs in any order),
-    the heaviest pack no heavier than before; and whether the budget ran out
-    while the heaviest pack was still improving (more steps may help).
+    the heaviest pack no heavier than before.
   """
   num_packs, per_pack = slots.shape
   groups = num_groups(num_packs)
@@ -142,5 +139,4 @@ def refine_slots(
     return count + 1, slots, items, jnp.where(progress, 0, idle + 1)
 
   init = (0, slots, items, 0)
-  _, slots, _, idle = jax.lax.while_loop(cond, body, init)
-  return slots.reshape(num_packs, per_pack), idle < groups
+  return jax.lax.while_loop(cond, body, init)[1].reshape(num_packs, per_pack)

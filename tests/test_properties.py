@@ -130,14 +130,17 @@ def test_replicate_experts(shape):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_layers_do_not_depend_on_the_batch(mode):
+@pytest.mark.parametrize(
+  "experts, sizes", [(384, (448, 1, 8, 64)), (256, (288, 8, 4, 32))], ids=["global", "hierarchical"]
+)
+def test_layers_do_not_depend_on_the_batch(mode, experts, sizes):
   """A layer's placement is the same whatever other layers are balanced with it.
 
   Sharded calls (each device balancing its own layers) rely on this; float
-  sums whose rounding depends on the batch shape would break it.
+  sums whose rounding depends on the batch shape, or choices made across
+  layers, would break it.
   """
-  weight = workloads.skewed_loads(24, 384, seed=3)
-  sizes = (448, 1, 8, 64)
+  weight = workloads.skewed_loads(24, experts, seed=3)
   whole = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
   parts = [eplb_jax.rebalance_experts(weight[i : i + 8], *sizes, mode=mode) for i in (0, 8, 16)]
   chex.assert_trees_all_equal(whole, tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
