@@ -11,8 +11,8 @@ The stages overlap with nothing, but XLA fuses across them inside the whole
 call, so they need not add up to it exactly. "Refined packing" is the
 placement's packing step; the "refinement alone" stages run on the rows it
 refines (on the hierarchical path, two nodes per layer), every row with the
-full step budget (the placement gives half of those rows only half of it)
-or with no budget, to show what the budget saves.
+full step budget (the placement gives one of each layer's two nodes only its
+first 6 steps) or with no budget, to show what the budget saves.
 """
 
 from __future__ import annotations

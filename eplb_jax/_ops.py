@@ -7,7 +7,7 @@ semantics the reference relies on (first index among ties, stable order)
 using only plain reductions and comparisons. Long rows are sorted by a
 bitonic network over distinct int32 keys (the value's order-preserving bits
 with the index in the low bits); the exact order takes two such sorts, one
-per half of the value's bits, as in a radix sort. The refined mode, which
+per part of the value's bits, as in a radix sort. The refined mode, which
 needs no exact order, sorts once with ``exact=False``: keys that keep a
 float's order to about ``2**-14`` relative.
 """
@@ -158,8 +158,8 @@ def argsort_descending(x: jax.Array, exact: bool = True) -> jax.Array:
   distinct int32 keys, so about half the work of the exact sort.
   """
   *batch, n = x.shape
-  iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
   if n <= _RANK_COUNT_MAX:
+    iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
     return _by_rank(iota, descending_ranks(x, exact))
   size = 1 << (n - 1).bit_length()
   pad = [(0, 0)] * len(batch) + [(0, size - n)]

@@ -38,7 +38,7 @@ def greedy_slots(weight: jax.Array, num_packs: int) -> jax.Array:
   """DeepSeek's greedy packing of one row ``[n]``, as ``slots [m, g]``."""
   n = weight.shape[0]
   per_pack = n // num_packs
-  order = _ops.argsort_descending(weight).astype(jnp.int32)
+  order = _ops.argsort_descending(weight)
   sorted_weight = weight[order]
 
   def place(i, state):
@@ -85,7 +85,7 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> tuple[jax.Array, ja
   """
   m = num_packs
   g = weight.shape[0] // m
-  rounds = _ops.argsort_descending(weight, exact=False).astype(jnp.int32).reshape(g, m)[:, ::-1]
+  rounds = _ops.argsort_descending(weight, exact=False).reshape(g, m)[:, ::-1]
   partial = jnp.arange(g, dtype=jnp.int32)
   position = jnp.arange(m, dtype=jnp.int32)[:, None]
 
@@ -149,13 +149,14 @@ def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int) -> jax
   if rows_per_layer <= REFINED_ROWS_PER_LAYER:
     return _refine_rows(weight, slots, refinement.MAX_STEPS)
   chosen = rows_to_refine(start_loads.max(axis=1), rows_per_layer)
-  refined = _refine_rows(weight[chosen], slots[chosen], _FIRST_ROUND_STEPS)
+  chosen_weight = weight[chosen]
+  refined = _refine_rows(chosen_weight, slots[chosen], _FIRST_ROUND_STEPS)
   # Of each layer's refined rows, the one with the heaviest pack continues.
-  heaviest = jax.vmap(lambda w, s: _ops.sum_last(w[s]).max())(weight[chosen], refined)
+  heaviest = jax.vmap(lambda w, s: _ops.sum_last(w[s]).max())(chosen_weight, refined)
   per_layer = heaviest.reshape(-1, REFINED_ROWS_PER_LAYER)
   again = _ops.argmax_first(per_layer) + jnp.arange(0, chosen.shape[0], REFINED_ROWS_PER_LAYER)
   steps = refinement.MAX_STEPS - _FIRST_ROUND_STEPS
-  refined = refined.at[again].set(_refine_rows(weight[chosen][again], refined[again], steps))
+  refined = refined.at[again].set(_refine_rows(chosen_weight[again], refined[again], steps))
   return slots.at[chosen].set(refined)
 
 
