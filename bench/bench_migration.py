@@ -6,7 +6,7 @@ hottest expert hands its load to another expert (a hot-expert shift). At each
 window ``t`` both policies rebalance on the loads of ``t``:
 
 * *fresh*: ``eplb_jax.rebalance_experts`` from scratch;
-* *migration-aware*: ``eplb_jax.migration.rebalance_with_previous`` from the
+* *migration-aware*: ``eplb_jax.rebalance_with_previous`` from the
   placement it returned at ``t - 1``.
 
 Reported per model shape and drift: the replicas moved onto GPUs over the run
@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 
 import eplb_jax  # noqa: E402
 from eplb_jax import metrics  # noqa: E402
-from eplb_jax import migration  # noqa: E402
 from eplb_jax import workloads  # noqa: E402
 
 SHAPES = ("deepseek-v3-prefill", "qwen3-30b-a3b", "kimi-k2")
@@ -97,13 +96,13 @@ def run(
     fresh[0].block_until_ready()
     series["seconds_fresh"].append(time.perf_counter() - tic)
     tic = time.perf_counter()
-    aware = migration.rebalance_with_previous(
+    aware = eplb_jax.rebalance_with_previous(
       weight, *sizes, placements["migration"][0], tolerance=tolerance
     )
     aware[0].block_until_ready()
     series["seconds_migration"].append(time.perf_counter() - tic)
     for name, new in (("fresh", fresh), ("migration", aware)):
-      moved, changed = migration.migration_cost(placements[name][0], new[0], num_gpus)
+      moved, changed = eplb_jax.migration_cost(placements[name][0], new[0], num_gpus)
       series[f"moved_{name}"].append(int(moved.sum()))
       series[f"changed_{name}"].append(int(changed.sum()))
       series[f"bal_{name}"].append(_balancedness(weight, new[0], new[2], num_gpus).mean())

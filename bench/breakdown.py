@@ -30,12 +30,17 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from eplb_jax import _ops
-from eplb_jax import packing
-from eplb_jax import placement
-from eplb_jax import refinement
-from eplb_jax import replication
+from eplb_jax import Greedy
+from eplb_jax import Refined
 from eplb_jax import workloads
+from eplb_jax._src import ops
+from eplb_jax._src import packing
+from eplb_jax._src import placement
+from eplb_jax._src import replication
+from eplb_jax._src import swap
+from eplb_jax._src.problem import PackingProblem
+
+REFINED = Refined()
 
 
 def _best_ms(stages: dict[str, tuple[Callable, tuple]], repeats: int, rounds: int) -> dict:
@@ -58,9 +63,8 @@ def _best_ms(stages: dict[str, tuple[Callable, tuple]], repeats: int, rounds: in
 
 def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tuple]]]:
   """The packing problem, and each stage of the placement as ``(function, inputs)``."""
-  num_groups, num_nodes = shape.num_groups, shape.num_nodes
-  if num_groups % num_nodes:
-    num_groups, num_nodes = 1, 1
+  topology = shape.topology
+  num_nodes = topology.packing_domains().num_nodes
   weight = jnp.asarray(workloads.skewed_loads(shape.num_layers, shape.num_experts), jnp.float32)
   # Replication and packing run per (layer, node); contiguous node slices
   # stand in for the groups-to-nodes split, which does not change the cost.
@@ -71,34 +75,40 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
   packs = shape.num_gpus // num_nodes
   differencing = jax.vmap(functools.partial(packing.differencing_slots, num_packs=packs))
   start, loads = jax.jit(differencing)(items)
-  chosen = packing.rows_to_refine(loads.max(axis=1), num_nodes)
+  if num_nodes > REFINED.rows_per_layer:
+    chosen = packing.rows_to_refine(loads.max(axis=1), num_nodes, REFINED.rows_per_layer)
+  else:
+    chosen = jnp.arange(items.shape[0])
   refined_items, refined_start = items[chosen], start[chosen]
 
-  sizes = (shape.num_replicas, shape.num_groups, shape.num_nodes, shape.num_gpus)
+  def pack(mode):
+    return lambda x, e: packing.pack_slots(PackingProblem(x, e), packs, mode, num_nodes)
+
+  def refine(max_steps):
+    return jax.vmap(
+      functools.partial(
+        swap.refine_slots, max_steps=max_steps, packs_per_group=REFINED.packs_per_group
+      )
+    )
+
   problem = f"{items.shape[0]} x {items.shape[1]} -> {packs} ({chosen.shape[0]} rows refined)"
   return problem, {
-    "whole call, greedy": (lambda w: placement.rebalance_jit(w, *sizes, "greedy"), (weight,)),
-    "whole call, refined": (lambda w: placement.rebalance_jit(w, *sizes, "refined"), (weight,)),
+    "whole call, greedy": (lambda w: placement.place(w, topology, Greedy()), (weight,)),
+    "whole call, refined": (lambda w: placement.place(w, topology, REFINED), (weight,)),
     "replication": (lambda w: replication.replicate_rows(w, node_slots), (node_load,)),
-    "sort of the replicas, exact (greedy)": (_ops.argsort_descending, (items,)),
+    "sort of the replicas, exact (greedy)": (ops.argsort_descending, (items,)),
     "sort of the replicas, coarse (refined)": (
-      functools.partial(_ops.argsort_descending, exact=False),
+      functools.partial(ops.argsort_descending, exact=False),
       (items,),
     ),
-    "greedy packing (sort included)": (lambda x: packing.pack_slots(x, packs, "greedy"), (items,)),
+    "greedy packing (sort included)": (pack(Greedy()), (items, phy2log)),
     "differencing start (sort included)": (differencing, (items,)),
-    "refined packing (differencing + refinement)": (
-      lambda x: packing.pack_slots(x, packs, "refined", num_nodes),
-      (items,),
-    ),
-    f"refinement alone, {refinement.MAX_STEPS} steps per row": (
-      jax.vmap(refinement.refine_slots),
+    "refined packing (differencing + refinement)": (pack(REFINED), (items, phy2log)),
+    f"refinement alone, {REFINED.max_steps} steps per row": (
+      refine(REFINED.max_steps),
       (refined_items, refined_start),
     ),
-    "refinement alone, converged": (
-      jax.vmap(functools.partial(refinement.refine_slots, max_steps=1 << 20)),
-      (refined_items, refined_start),
-    ),
+    "refinement alone, converged": (refine(1 << 20), (refined_items, refined_start)),
   }
 
 

@@ -1,31 +1,41 @@
 """eplb_jax: a jit-compiled expert-parallelism load balancer for JAX.
 
 Pipeline: statistics -> replication -> packing -> placement maps
--> (sharding, migration). ``rebalance_experts`` is the entry point.
+-> (sharding, migration). :func:`rebalance_experts` (DeepSeek's signature)
+and :func:`rebalance` (on a :class:`Topology`) are the entry points; they
+return a :class:`Placement`. :mod:`eplb_jax.runtime` holds the pieces a
+training step uses around them, :mod:`eplb_jax.metrics` the quality
+measures, and :mod:`eplb_jax.contrib` adapters with optional dependencies.
 """
 
-from eplb_jax import dispatch
 from eplb_jax import metrics
-from eplb_jax import stats
-from eplb_jax import weights
-from eplb_jax.api import rebalance_experts
-from eplb_jax.migration import migration_cost
-from eplb_jax.migration import rebalance_with_previous
-from eplb_jax.packing import balanced_packing
-from eplb_jax.placement import rebalance_experts_hierarchical
-from eplb_jax.replication import replicate_experts
+from eplb_jax import runtime
+from eplb_jax._src.api import balanced_packing
+from eplb_jax._src.api import migration_cost
+from eplb_jax._src.api import rebalance
+from eplb_jax._src.api import rebalance_experts
+from eplb_jax._src.api import rebalance_experts_hierarchical
+from eplb_jax._src.api import rebalance_with_previous
+from eplb_jax._src.api import replicate_experts
+from eplb_jax._src.modes import Greedy
+from eplb_jax._src.modes import Refined
+from eplb_jax._src.placement import Placement
+from eplb_jax._src.topology import Topology
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+  "Greedy",
+  "Placement",
+  "Refined",
+  "Topology",
   "balanced_packing",
-  "dispatch",
   "metrics",
   "migration_cost",
+  "rebalance",
   "rebalance_experts",
   "rebalance_experts_hierarchical",
   "rebalance_with_previous",
   "replicate_experts",
-  "stats",
-  "weights",
+  "runtime",
 ]

@@ -22,10 +22,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from eplb_jax import _checks
 from eplb_jax import metrics
 from eplb_jax import workloads
-from eplb_jax.api import rebalance_experts
+from eplb_jax._src import checks
+from eplb_jax._src.api import rebalance_experts
+from eplb_jax._src.modes import MODES
 
 DEFAULT_SHAPE = "deepseek-v3-prefill"
 INPUT_FORMATS = (".npy", ".npz", ".json", ".csv")
@@ -104,7 +105,9 @@ def _problem(args: argparse.Namespace) -> tuple[workloads.Shape, np.ndarray, str
     flag: defaults[flag] if getattr(args, flag) is None else getattr(args, flag)
     for flag in SIZE_FLAGS
   }
-  _checks.check_weight(weight)  # ValueError for bad shapes, dtypes and values
+  checks.check_weight_values(
+    checks.check_weight(weight)
+  )  # ValueError for bad shapes, dtypes and values
   shape = workloads.Shape(name, *np.shape(weight), **sizes)
   return shape, np.asarray(weight, np.float64), source
 
@@ -185,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_argument("--num-groups", type=int, help="expert groups (hierarchical policy)")
   sub.add_argument("--num-nodes", type=int, help="server nodes")
   sub.add_argument("--num-gpus", type=int, help="GPUs in total")
-  sub.add_argument("--mode", choices=_checks.MODES, default="refined", help="default: refined")
+  sub.add_argument("--mode", choices=tuple(MODES), default="refined", help="default: refined")
   sub.add_argument("--output", metavar="PATH", help="write the maps to PATH (.npz or .json)")
   sub.set_defaults(run=plan)
   return parser

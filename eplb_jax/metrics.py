@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from eplb_jax import replication
+from eplb_jax._src import placement
+from eplb_jax._src import replication
 
 
 def gpu_loads(
@@ -18,12 +19,9 @@ def gpu_loads(
   """Load of each GPU ``[L, num_gpus]`` for loads ``weight [L, E]``.
 
   ``phy2log [L, P]`` and ``logcnt [L, E]`` are the placement maps; slots are
-  numbered GPU by GPU.
+  numbered GPU by GPU. Same as :meth:`eplb_jax.Placement.gpu_loads`.
   """
-  weight = jnp.asarray(weight, jnp.float32)
-  per_replica = weight / jnp.maximum(logcnt, 1)
-  slot_load = jnp.take_along_axis(per_replica, phy2log, axis=-1)
-  return slot_load.reshape(slot_load.shape[0], num_gpus, -1).sum(-1)
+  return placement.gpu_loads(weight, phy2log, logcnt, num_gpus)
 
 
 def layer_balancedness(loads: jax.Array) -> jax.Array:

@@ -11,6 +11,8 @@ import dataclasses
 
 import numpy as np
 
+from eplb_jax._src.topology import Topology
+
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -30,8 +32,12 @@ class Shape:
     return self.num_replicas, self.num_groups, self.num_nodes, self.num_gpus
 
   @property
+  def topology(self) -> Topology:
+    return Topology(*self.sizes)
+
+  @property
   def policy(self) -> str:
-    return "hierarchical" if self.num_groups % self.num_nodes == 0 else "global"
+    return self.topology.policy
 
 
 SHAPES = {

@@ -5,16 +5,16 @@ layers) learns a synthetic regression task on a 1-D ``expert`` device mesh
 (8 host devices on CPU). Its router is deliberately skewed, so a few experts
 get most tokens. Every step, inside one jitted function:
 
-1. the router's top-k ids are counted (:mod:`eplb_jax.stats`) into a sliding
+1. the router's top-k ids are counted (:mod:`eplb_jax.runtime.stats`) into a sliding
    window of per-expert loads;
 2. each (token, choice) is dispatched to one replica of its expert
-   (:func:`eplb_jax.dispatch.physical_slots`), spreading an expert's tokens
+   (:func:`eplb_jax.runtime.dispatch.physical_slots`), spreading an expert's tokens
    evenly over its replicas, and each slot's output is combined with the
    token's gate weight;
 3. replica gradients are summed per logical expert, so replicas stay equal;
 4. every ``--rebalance-every`` steps a ``lax.cond`` on the step counter
    recomputes the placement from the window (:func:`eplb_jax.rebalance_experts`)
-   and moves the expert weights to their new slots (:mod:`eplb_jax.weights`).
+   and moves the expert weights to their new slots (:mod:`eplb_jax.runtime.params`).
 
 The slot axis ``P`` of the expert weights is sharded over the mesh, ``P / 8``
 slots per device, so a device's token load is the number of (token, choice)
@@ -50,10 +50,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eplb_jax
-from eplb_jax import dispatch
-from eplb_jax import metrics
-from eplb_jax import stats
-from eplb_jax import weights
+from eplb_jax import Placement
+from eplb_jax.runtime import dispatch
+from eplb_jax.runtime import params as expert_params
+from eplb_jax.runtime import stats
 
 EXPERT_AXIS = "expert"
 
@@ -81,12 +81,6 @@ class Config:
   def logical(self) -> Config:
     """The same model without replicas or rebalancing: one slot per expert."""
     return dataclasses.replace(self, num_slots=self.num_experts, rebalance_every=0)
-
-
-class Placement(NamedTuple):
-  phy2log: jax.Array  # [L, P]
-  log2phy: jax.Array  # [L, E, P - E + 1]
-  logcnt: jax.Array  # [L, E]
 
 
 class TrainState(NamedTuple):
@@ -141,16 +135,14 @@ def init_state(cfg: Config, mesh: Mesh) -> TrainState:
   if cfg.num_slots == cfg.num_experts:
     placement = identity_placement(cfg)
   else:
-    placement = Placement(
-      *eplb_jax.rebalance_experts(
-        jnp.ones((L, E)), cfg.num_slots, cfg.num_groups, cfg.num_nodes, cfg.num_devices
-      )
+    placement = eplb_jax.rebalance_experts(
+      jnp.ones((L, E)), cfg.num_slots, cfg.num_groups, cfg.num_nodes, cfg.num_devices
     )
   replicated = NamedSharding(mesh, P())
   params = {
     "router": jax.device_put(jax.random.normal(keys[2], (L, d, E)) / np.sqrt(d), replicated),
     "head": jax.device_put(jax.random.normal(keys[3], (d, d)) / np.sqrt(d), replicated),
-    "experts": weights.apply_placement(logical, placement.phy2log, mesh=mesh),
+    "experts": expert_params.apply_placement(logical, placement.phy2log, mesh=mesh),
   }
   window = stats.window_init(cfg.window, (L, E))
   return TrainState(jnp.zeros((), jnp.int32), params, placement, window)
@@ -193,7 +185,7 @@ def sync_replicas(grads: dict, phy2log: jax.Array, num_experts: int, mesh: Mesh)
   def per_expert(g: jax.Array) -> jax.Array:
     return jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_experts))(g, phy2log)
 
-  return weights.apply_placement(jax.tree.map(per_expert, grads), phy2log, mesh=mesh)
+  return expert_params.apply_placement(jax.tree.map(per_expert, grads), phy2log, mesh=mesh)
 
 
 def rebalance(
@@ -206,17 +198,17 @@ def rebalance(
   """
   load = stats.window_load(state.window)
   old = state.placement
-  new = Placement(
-    *eplb_jax.rebalance_experts(load, cfg.num_slots, cfg.num_groups, cfg.num_nodes, cfg.num_devices)
+  new = eplb_jax.rebalance_experts(
+    load, cfg.num_slots, cfg.num_groups, cfg.num_nodes, cfg.num_devices
   )
-  before = metrics.gpu_loads(load, old.phy2log, old.logcnt, cfg.num_devices)
-  after = metrics.gpu_loads(load, new.phy2log, new.logcnt, cfg.num_devices)
+  before = old.gpu_loads(load, cfg.num_devices)
+  after = new.gpu_loads(load, cfg.num_devices)
   better = after.max(-1) < before.max(-1)  # [L]
   new = jax.tree.map(
     lambda n, o: jnp.where(better.reshape(-1, *[1] * (n.ndim - 1)), n, o), new, old
   )
   after = jnp.where(better[:, None], after, before)
-  experts = weights.relayout(state.params["experts"], old.log2phy, new.phy2log, mesh=mesh)
+  experts = expert_params.relayout(state.params["experts"], old.log2phy, new.phy2log, mesh=mesh)
   params = {**state.params, "experts": experts}
   state = state._replace(params=params, placement=new)
   return state, (device_imbalance(before), device_imbalance(after))

@@ -24,15 +24,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eplb_jax
-from eplb_jax import sharding
-from eplb_jax import weights
 from eplb_jax import workloads
+from eplb_jax._src import sharding
+from eplb_jax.runtime import params
 
 XLA_FLAGS = "--xla_force_host_platform_device_count=8"
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 # (num_replicas, num_groups, num_nodes, num_gpus): hierarchical, then global.
 CONFIGS = ((24, 4, 2, 8), (20, 3, 2, 4))
-CHECKS: dict[str, dict] = {"sharding": {}, "weights": {}}
+CHECKS: dict[str, dict] = {"sharding": {}, "params": {}}
 
 
 def check(group: str):
@@ -186,7 +186,7 @@ def expert_params(num_layers, num_experts):
   }
 
 
-@check("weights")
+@check("params")
 def placement_sharded_over_experts():
   weight = loads(num_layers=2)
   phy2log, log2phy, _ = eplb_jax.rebalance_experts(weight, *CONFIGS[0])
@@ -200,30 +200,30 @@ def placement_sharded_over_experts():
   for make in (auto_mesh, explicit_mesh):
     mesh = make((8,), ("expert",))
     source = jax.device_put(logical, NamedSharding(mesh, P(None, "expert")))
-    fn = jax.jit(lambda p, i, mesh=mesh: weights.apply_placement(p, i, mesh=mesh))
-    for out in (fn(source, phy2log), weights.apply_placement(source, phy2log, mesh=mesh)):
+    fn = jax.jit(lambda p, i, mesh=mesh: params.apply_placement(p, i, mesh=mesh))
+    for out in (fn(source, phy2log), params.apply_placement(source, phy2log, mesh=mesh)):
       chex.assert_trees_all_equal(out, expected)
       for leaf in jax.tree.leaves(out):
         assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "expert")), leaf.ndim), (
           leaf.sharding
         )
-    # The communication the docstring of eplb_jax.weights states.
+    # The communication the docstring of eplb_jax.runtime.params states.
     hlo = fn.lower(source, phy2log).compile().as_text()
     assert [name for name in COLLECTIVES if name in hlo] == ["all-gather"]
     replicated = jax.device_put(logical, NamedSharding(mesh, P()))
     hlo = fn.lower(replicated, phy2log).compile().as_text()
     assert not [name for name in COLLECTIVES if name in hlo]
-    moved = jax.jit(lambda p, mesh=mesh: weights.relayout(p, log2phy, phy2log, mesh=mesh))
+    moved = jax.jit(lambda p, mesh=mesh: params.relayout(p, log2phy, phy2log, mesh=mesh))
     chex.assert_trees_all_equal(moved(fn(source, phy2log)), expected)
 
 
-@check("weights")
+@check("params")
 def bad_expert_axis():
   mesh = auto_mesh((8,), ("e",))
   phy2log = jnp.zeros((2, 20), jnp.int32)
   for axis, message in (("expert", "expert_axis"), ("e", "number of slots (20)")):
     try:
-      weights.apply_placement(expert_params(2, 16), phy2log, mesh=mesh, expert_axis=axis)
+      params.apply_placement(expert_params(2, 16), phy2log, mesh=mesh, expert_axis=axis)
     except ValueError as e:
       assert message in str(e), str(e)
     else:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import eplb_jax
-from eplb_jax import dispatch
 from eplb_jax import workloads
+from eplb_jax.runtime import dispatch
 
 NUM_EXPERTS, NUM_SLOTS = 8, 16
 

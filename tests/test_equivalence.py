@@ -19,7 +19,7 @@ from conftest import config_id
 from conftest import random_configs
 
 import eplb_jax
-from eplb_jax import replication
+from eplb_jax._src import replication
 
 # (layers, experts, num_replicas, num_groups, num_nodes, num_gpus)
 CONFIGS = {
@@ -133,18 +133,18 @@ def test_balanced_packing(shape, kind):
     chex.assert_trees_all_equal(got, tuple(a.astype(np.int32) for a in expected))
 
 
-# (rows, num_log, num_phy)
+# (rows, num_log, num_replicas)
 REPLICATION_SHAPES = [(3, 8, 12), (2, 5, 5), (4, 6, 20), (1, 1, 4), (2, 16, 40)]
 
 
 @pytest.mark.parametrize("kind", ["float", "tied"])
 @pytest.mark.parametrize("shape", REPLICATION_SHAPES, ids=str)
 def test_replicate_experts(shape, kind):
-  rows, num_log, num_phy = shape
+  rows, num_log, num_replicas = shape
   for seed in SEEDS:
     weight = _loads(kind, (rows, num_log), seed)
-    got = eplb_jax.replicate_experts(weight, num_phy)
-    expected = reference.replicate_experts(weight, num_phy)
+    got = eplb_jax.replicate_experts(weight, num_replicas)
+    expected = reference.replicate_experts(weight, num_replicas)
     chex.assert_trees_all_equal(got, tuple(a.astype(np.int32) for a in expected))
 
 
@@ -155,15 +155,15 @@ def test_every_replication_algorithm(shape, picks):
   loop for few picks, bisection for many) matches the oracle, on ties across
   experts too: with loads 2, 3, 4 the candidates 2/14, 3/21 and 4/28 are
   equal floats."""
-  rows, num_log, num_phy = shape
+  rows, num_log, num_replicas = shape
   rng = np.random.default_rng(num_log)
   weight = rng.integers(0, 5, size=(rows, num_log)).astype(np.float32)
   weight[0, :3] = [2, 3, 4]
   weight[1] = 0
   find = jax.jit(
-    jax.vmap(functools.partial(getattr(replication, picks), num_redundant=num_phy - num_log))
+    jax.vmap(functools.partial(getattr(replication, picks), num_redundant=num_replicas - num_log))
   )
   expert, rank = find(jnp.asarray(weight))
-  phy2log, phyrank, _ = reference.replicate_experts(weight, num_phy)
+  phy2log, phyrank, _ = reference.replicate_experts(weight, num_replicas)
   np.testing.assert_array_equal(expert, phy2log[:, num_log:])
   np.testing.assert_array_equal(rank, phyrank[:, num_log:])

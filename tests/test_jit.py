@@ -56,7 +56,7 @@ class VariantsTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_replicate_experts(self):
     weight = _loads(1)
-    replicate = self.variant(functools.partial(eplb_jax.replicate_experts, num_phy=20))
+    replicate = self.variant(functools.partial(eplb_jax.replicate_experts, num_replicas=20))
     chex.assert_trees_all_equal(replicate(weight), eplb_jax.replicate_experts(weight, 20))
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -66,7 +66,7 @@ class VariantsTest(chex.TestCase):
     hierarchical = self.variant(
       functools.partial(
         eplb_jax.rebalance_experts_hierarchical,
-        num_physical_experts=16,
+        num_replicas=16,
         num_groups=4,
         num_nodes=2,
         num_gpus=8,

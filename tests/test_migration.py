@@ -1,4 +1,4 @@
-"""Tests of migration-aware rebalancing (:mod:`eplb_jax.migration`)."""
+"""Tests of migration-aware rebalancing (:func:`eplb_jax.rebalance_with_previous`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 import eplb_jax
 from eplb_jax import metrics
-from eplb_jax import migration
 from eplb_jax import workloads
+from eplb_jax._src.migration import warm
 
 # (layers, experts, num_replicas, num_groups, num_nodes, num_gpus)
 HIERARCHICAL = (3, 32, 40, 4, 2, 8)  # 2 groups per node, 4 GPUs per node, 5 slots per GPU
@@ -67,7 +67,7 @@ def test_migration_cost_hand_example():
       [1, 0, 0, 3, 3, 2],  # slots permuted within each GPU: nothing arrives
     ]
   )
-  moved, changed = migration.migration_cost(old, new, 2)
+  moved, changed = eplb_jax.migration_cost(old, new, 2)
   chex.assert_trees_all_equal(moved, np.array([2, 0, 2, 0], np.int32))
   chex.assert_trees_all_equal(changed, np.array([4, 0, 2, 4], np.int32))
 
@@ -78,7 +78,7 @@ def test_migration_cost_matches_reference(num_gpus):
   # Few distinct experts, so that GPUs hold duplicates.
   old = rng.integers(0, 5, size=(6, 24))
   new = np.where(rng.random(old.shape) < 0.3, rng.integers(0, 5, size=old.shape), old)
-  moved, changed = migration.migration_cost(old, new, num_gpus)
+  moved, changed = eplb_jax.migration_cost(old, new, num_gpus)
   np.testing.assert_array_equal(moved, _reference_moved(old, new, num_gpus))
   np.testing.assert_array_equal(changed, (old != new).sum(-1))
 
@@ -86,13 +86,13 @@ def test_migration_cost_matches_reference(num_gpus):
 def test_migration_cost_rejects_bad_input():
   old = np.zeros((2, 8), np.int32)
   with pytest.raises(ValueError, match="new_phy2log must have the shape"):
-    migration.migration_cost(old, np.zeros((2, 6), np.int32), 2)
+    eplb_jax.migration_cost(old, np.zeros((2, 6), np.int32), 2)
   with pytest.raises(ValueError, match="num_gpus must divide"):
-    migration.migration_cost(old, old, 3)
+    eplb_jax.migration_cost(old, old, 3)
   with pytest.raises(ValueError, match="old_phy2log must have an integer dtype"):
-    migration.migration_cost(old.astype(np.float32), old, 2)
+    eplb_jax.migration_cost(old.astype(np.float32), old, 2)
   with pytest.raises(ValueError, match="new_phy2log must be 2-D"):
-    migration.migration_cost(old, old[0], 2)
+    eplb_jax.migration_cost(old, old[0], 2)
 
 
 @pytest.mark.parametrize("config", [HIERARCHICAL, GLOBAL, *EDGE], ids=_ids)
@@ -100,9 +100,9 @@ def test_identical_loads_keep_the_placement(config):
   num_layers, num_experts, *sizes = config
   weight = workloads.skewed_loads(num_layers, num_experts, seed=1)
   previous = eplb_jax.rebalance_experts(weight, *sizes)[0]
-  phy2log, _, _ = migration.rebalance_with_previous(weight, *sizes, previous)
+  phy2log, _, _ = eplb_jax.rebalance_with_previous(weight, *sizes, previous)
   chex.assert_trees_all_equal(phy2log, previous)
-  moved, changed = migration.migration_cost(previous, phy2log, sizes[-1])
+  moved, changed = eplb_jax.migration_cost(previous, phy2log, sizes[-1])
   chex.assert_trees_all_equal(moved, np.zeros(num_layers, np.int32))
   chex.assert_trees_all_equal(changed, np.zeros(num_layers, np.int32))
 
@@ -131,7 +131,7 @@ def test_returns_a_valid_placement_as_balanced_as_fresh(config, loads, assert_va
   fresh_phy2log, _, fresh_logcnt = eplb_jax.rebalance_experts(weight, *sizes)
   fresh_max = metrics.gpu_loads(weight, fresh_phy2log, fresh_logcnt, num_gpus).max(-1)
   for previous in _previous_placements(config, seed=3).values():
-    phy2log, log2phy, logcnt = migration.rebalance_with_previous(weight, *sizes, previous)
+    phy2log, log2phy, logcnt = eplb_jax.rebalance_with_previous(weight, *sizes, previous)
     assert_valid_placement(phy2log, log2phy, logcnt, num_experts, num_replicas, num_layers)
     peak = metrics.gpu_loads(weight, phy2log, logcnt, num_gpus).max(-1)
     assert np.all(peak <= fresh_max * (1 + 1e-3) * (1 + 1e-6)), (peak, fresh_max)
@@ -154,14 +154,14 @@ def test_drifted_loads_move_few_replicas(config, tolerance):
     previous = eplb_jax.rebalance_experts(old_weight, *sizes)[0]
     weight = _drift(old_weight, 0.1, seed)
     fresh, _, fresh_logcnt = eplb_jax.rebalance_experts(weight, *sizes)
-    phy2log, _, logcnt = migration.rebalance_with_previous(
+    phy2log, _, logcnt = eplb_jax.rebalance_with_previous(
       weight, *sizes, previous, tolerance=tolerance
     )
     peak = metrics.gpu_loads(weight, phy2log, logcnt, num_gpus).max(-1)
     fresh_peak = metrics.gpu_loads(weight, fresh, fresh_logcnt, num_gpus).max(-1)
     assert np.all(peak <= fresh_peak * (1 + tolerance) * (1 + 1e-6)), (peak, fresh_peak)
-    moved += int(migration.migration_cost(previous, phy2log, num_gpus)[0].sum())
-    fresh_moved += int(migration.migration_cost(previous, fresh, num_gpus)[0].sum())
+    moved += int(eplb_jax.migration_cost(previous, phy2log, num_gpus)[0].sum())
+    fresh_moved += int(eplb_jax.migration_cost(previous, fresh, num_gpus)[0].sum())
   # At tolerance 0 the warm placement must match the fresh heaviest GPU
   # exactly, so more layers fall back to (relabelled) fresh placements.
   assert moved < fresh_moved * (0.75 if tolerance == 0 else 0.5), (moved, fresh_moved)
@@ -173,7 +173,7 @@ def test_greedy_mode_is_the_reference():
   weight = workloads.skewed_loads(num_layers, num_experts, seed=5)
   previous = eplb_jax.rebalance_experts(_drift(weight, 0.2, 5), *sizes)[0]
   fresh, _, fresh_logcnt = eplb_jax.rebalance_experts(weight, *sizes, mode="greedy")
-  phy2log, _, logcnt = migration.rebalance_with_previous(
+  phy2log, _, logcnt = eplb_jax.rebalance_with_previous(
     weight, *sizes, previous, mode="greedy", tolerance=0.0
   )
   peak = metrics.gpu_loads(weight, phy2log, logcnt, num_gpus).max(-1)
@@ -195,7 +195,7 @@ def test_settle_takes_the_cheapest_exchange(home, expert):
   # GPU 0 (load 6) must send its 2.0 replica away for a 1.0 to get under 5;
   # GPUs 1 and 2 both fit it, and ties would go to GPU 1.
   load = np.array([[4.0, 2.0], [1.0, 1.5], [1.0, 1.0]], np.float32)
-  settled, settled_load = migration._settle(load, np.array(expert), np.array(home), 5.0)
+  settled, settled_load = warm.settle(load, np.array(expert), np.array(home), 5.0)
   want = np.array(expert)
   want[0, 1], want[2, 0] = want[2, 0], want[0, 1]
   chex.assert_trees_all_equal(settled, want)
@@ -205,7 +205,7 @@ def test_settle_takes_the_cheapest_exchange(home, expert):
 class MigrationCostVariantsTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_traced_and_eager_agree(self):
-    cost = self.variant(migration.migration_cost, static_argnums=2)
+    cost = self.variant(eplb_jax.migration_cost, static_argnums=2)
     old = np.array([[0, 1, 2, 3], [0, 0, 1, 1]])
     new = np.array([[1, 0, 2, 2], [1, 0, 0, 1]])
     chex.assert_trees_all_equal(
@@ -220,7 +220,7 @@ def test_jit_traces_once(assert_valid_placement):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def rebalance(weight, previous, tolerance):
-    return migration.rebalance_with_previous(weight, *sizes, previous, tolerance=tolerance)
+    return eplb_jax.rebalance_with_previous(weight, *sizes, previous, tolerance=tolerance)
 
   chex.clear_trace_counter()
   weight = workloads.skewed_loads(num_layers, num_experts, seed=0)
@@ -229,7 +229,7 @@ def test_jit_traces_once(assert_valid_placement):
     drifted = _drift(weight, 0.1, seed)
     jitted = rebalance(drifted, previous, 1e-3 * seed)
     chex.assert_trees_all_equal(
-      jitted, migration.rebalance_with_previous(drifted, *sizes, previous, tolerance=1e-3 * seed)
+      jitted, eplb_jax.rebalance_with_previous(drifted, *sizes, previous, tolerance=1e-3 * seed)
     )
     previous = jitted[0]
   # Under jit, out-of-range expert ids count as empty slots.
@@ -243,12 +243,12 @@ def test_rejects_bad_previous():
   weight = workloads.skewed_loads(num_layers, num_experts, seed=0)
   previous = np.zeros((num_layers, num_replicas), np.int32)
   with pytest.raises(ValueError, match="previous_phy2log must have shape"):
-    migration.rebalance_with_previous(weight, *sizes, previous[:, :-1])
+    eplb_jax.rebalance_with_previous(weight, *sizes, previous[:, :-1])
   with pytest.raises(ValueError, match="previous_phy2log must hold expert ids"):
-    migration.rebalance_with_previous(weight, *sizes, previous + num_experts)
+    eplb_jax.rebalance_with_previous(weight, *sizes, previous + num_experts)
   with pytest.raises(ValueError, match="previous_phy2log must have an integer dtype"):
-    migration.rebalance_with_previous(weight, *sizes, previous.astype(np.float32))
+    eplb_jax.rebalance_with_previous(weight, *sizes, previous.astype(np.float32))
   with pytest.raises(ValueError, match="tolerance must be"):
-    migration.rebalance_with_previous(weight, *sizes, previous, tolerance=-0.1)
+    eplb_jax.rebalance_with_previous(weight, *sizes, previous, tolerance=-0.1)
   with pytest.raises(ValueError, match="num_replicas must be a multiple"):
-    migration.rebalance_with_previous(weight, num_replicas + 1, *sizes[1:], previous)
+    eplb_jax.rebalance_with_previous(weight, num_replicas + 1, *sizes[1:], previous)

@@ -110,11 +110,11 @@ def test_balanced_packing(shape, mode):
 
 @pytest.mark.parametrize("shape", [(3, 12, 16), (2, 5, 5), (2, 6, 20), (1, 1, 4)], ids=str)
 def test_replicate_experts(shape):
-  rows, num_log, num_phy = shape
+  rows, num_log, num_replicas = shape
   weight = workloads.skewed_loads(rows, num_log, seed=3)
-  phy2log, rank, logcnt = (np.asarray(a) for a in eplb_jax.replicate_experts(weight, num_phy))
+  phy2log, rank, logcnt = (np.asarray(a) for a in eplb_jax.replicate_experts(weight, num_replicas))
   assert phy2log.dtype == rank.dtype == logcnt.dtype == np.int32
-  assert phy2log.shape == rank.shape == (rows, num_phy)
+  assert phy2log.shape == rank.shape == (rows, num_replicas)
   for row in range(rows):
     np.testing.assert_array_equal(phy2log[row, :num_log], np.arange(num_log))
     np.testing.assert_array_equal(np.bincount(phy2log[row], minlength=num_log), logcnt[row])
@@ -143,4 +143,6 @@ def test_layers_do_not_depend_on_the_batch(mode, experts, sizes):
   weight = workloads.skewed_loads(24, experts, seed=3)
   whole = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
   parts = [eplb_jax.rebalance_experts(weight[i : i + 8], *sizes, mode=mode) for i in (0, 8, 16)]
-  chex.assert_trees_all_equal(whole, tuple(np.concatenate(p) for p in zip(*parts, strict=True)))
+  chex.assert_trees_all_equal(
+    whole, eplb_jax.Placement(*(np.concatenate(p) for p in zip(*parts, strict=True)))
+  )

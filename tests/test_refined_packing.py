@@ -9,8 +9,20 @@ import jax
 import numpy as np
 import pytest
 
-from eplb_jax import packing
-from eplb_jax import refinement
+from eplb_jax import Refined
+from eplb_jax._src import packing
+from eplb_jax._src import swap
+from eplb_jax._src.problem import PackingProblem
+
+MODE = Refined()
+
+
+def _pack_slots(weight, num_packs, rows_per_layer=1):
+  """``packing.pack_slots`` in refined mode on distinct items, jitted."""
+  pack = jax.jit(
+    lambda w: packing.pack_slots(PackingProblem.distinct(w), num_packs, MODE, rows_per_layer)
+  )
+  return np.asarray(pack(weight))
 
 
 def _differencing_reference(weight: np.ndarray, num_packs: int) -> np.ndarray:
@@ -60,7 +72,7 @@ def _best_pairing_max(weight: np.ndarray) -> float:
 def test_two_items_per_pack_are_paired_optimally():
   """With two items per pack the refined packing reaches the best pairing's heaviest pack."""
   weight = _random_rows(10, 10, seed=11)
-  slots = np.asarray(jax.jit(packing.pack_slots, static_argnums=(1, 2))(weight, 5, "refined"))
+  slots = _pack_slots(weight, 5)
   for row in range(10):
     np.testing.assert_array_equal(np.sort(slots[row].ravel()), np.arange(10))
     np.testing.assert_allclose(
@@ -68,8 +80,10 @@ def test_two_items_per_pack_are_paired_optimally():
     )
 
 
-def _refine(weight: np.ndarray, slots: np.ndarray, **kwargs) -> np.ndarray:
-  refine = functools.partial(refinement.refine_slots, **kwargs)
+def _refine(weight: np.ndarray, slots: np.ndarray, max_steps: int = MODE.max_steps) -> np.ndarray:
+  refine = functools.partial(
+    swap.refine_slots, max_steps=max_steps, packs_per_group=MODE.packs_per_group
+  )
   return np.asarray(jax.jit(jax.vmap(refine))(weight, slots))
 
 
@@ -119,7 +133,7 @@ def test_refinement_stops_within_its_budget():
   weight = _random_rows(1, num_packs * per_pack, seed=1)
   start = np.random.default_rng(1).permutation(num_packs * per_pack).astype(np.int32)
   start = start.reshape(1, num_packs, per_pack)
-  heads = refinement.num_groups(num_packs)
+  heads = swap.refinement_groups(num_packs, MODE.packs_per_group)
   assert _items_moved(start[0], _refine(weight, start)[0]) > 2 * heads
   assert 0 < _items_moved(start[0], _refine(weight, start, max_steps=1)[0]) <= 2 * heads
 
@@ -130,9 +144,7 @@ def test_node_rows_are_refined_in_two_rounds():
   takes the rest of the budget. The other rows keep the differencing start."""
   layers, nodes, n, num_packs = 8, 4, 72, 8
   weight = _random_rows(layers * nodes, n, seed=5)
-  got = np.asarray(
-    jax.jit(packing.pack_slots, static_argnums=(1, 2, 3))(weight, num_packs, "refined", nodes)
-  )
+  got = _pack_slots(weight, num_packs, nodes)
 
   start = np.asarray(jax.vmap(lambda w: packing.differencing_slots(w, num_packs))(weight)[0])
   heaviest = np.stack([_pack_loads(w, s).max() for w, s in zip(weight, start, strict=True)])
@@ -141,9 +153,9 @@ def test_node_rows_are_refined_in_two_rounds():
   others = np.setdiff1d(np.arange(layers * nodes), chosen)
   chex.assert_trees_all_equal(got[others], start[others])
 
-  steps = packing._FIRST_ROUND_STEPS
+  steps = MODE.first_round_steps
   first = _refine(weight[chosen], start[chosen], max_steps=steps)
-  second = _refine(weight[chosen], first, max_steps=refinement.MAX_STEPS - steps)
+  second = _refine(weight[chosen], first, max_steps=MODE.max_steps - steps)
   loads = np.stack([_pack_loads(w, s).max() for w, s in zip(weight[chosen], first, strict=True)])
   again = np.argmax(loads.reshape(layers, 2), axis=1) + 2 * np.arange(layers)
   expected = first.copy()

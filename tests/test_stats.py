@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eplb_jax import stats
+from eplb_jax.runtime import stats
 
 
 def numpy_counts(ids: np.ndarray, num_experts: int, mask: np.ndarray | None = None) -> np.ndarray:

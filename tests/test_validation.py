@@ -104,7 +104,7 @@ def test_bad_mode(mode):
 
 
 def test_hierarchical_checks():
-  with _raises("num_physical_experts"):
+  with _raises("num_replicas"):
     eplb_jax.rebalance_experts_hierarchical(WEIGHT, 8, 4, 2, 8)
   with _raises("num_groups"):
     eplb_jax.rebalance_experts_hierarchical(WEIGHT, 16, 3, 2, 8)
@@ -124,9 +124,9 @@ def test_balanced_packing_checks():
 
 
 def test_replicate_experts_checks():
-  with _raises("num_phy"):
+  with _raises("num_replicas"):
     eplb_jax.replicate_experts(WEIGHT, 11)
-  with _raises("num_phy"):
+  with _raises("num_replicas"):
     eplb_jax.replicate_experts(WEIGHT, 2.0)
   with _raises("weight"):
     eplb_jax.replicate_experts(np.ones((2, 12), np.bool_), 16)

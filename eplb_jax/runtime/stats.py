@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from eplb_jax import _checks
+from eplb_jax._src import checks
 
 
 def expert_counts(
@@ -44,7 +44,7 @@ def expert_counts(
     ``[..., E]`` counts: ``[E]`` for one layer, ``[layers, E]`` with a
     leading layer axis.
   """
-  num_experts = _checks.check_size(num_experts, "num_experts")
+  num_experts = checks.check_size(num_experts, "num_experts")
   if expert_ids.ndim < 2:
     raise ValueError(f"expert_ids must be [..., tokens, k], got shape {expert_ids.shape}")
   batch = expert_ids.shape[:-2]
@@ -76,7 +76,7 @@ class WindowState(NamedTuple):
 
 def window_init(window: int, shape: tuple[int, ...], dtype: jnp.dtype = jnp.int32) -> WindowState:
   """An empty window of ``window`` steps of counts of ``shape`` (e.g. ``(layers, E)``)."""
-  window = _checks.check_size(window, "window")
+  window = checks.check_size(window, "window")
   return WindowState(jnp.zeros((window, *shape), dtype), jnp.zeros((), jnp.int32))
 
 

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eplb_jax import sharding
+from eplb_jax._src import sharding
 
 PyTree = object
 

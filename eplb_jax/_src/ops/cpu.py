@@ -1,15 +1,13 @@
-"""Small array primitives tuned for XLA:CPU, with the tie rules of the reference.
+"""Array primitives for XLA:CPU, with the tie rules of the reference.
 
 XLA:CPU runs variadic reductions (``argmin``/``argmax``) and ``sort`` an order
 of magnitude slower than plain reductions and elementwise code, and the
-balancer calls them inside its loops. These replacements keep the exact
-semantics the reference relies on (first index among ties, stable order)
-using only plain reductions and comparisons. Long rows are sorted by a
-bitonic network over distinct int32 keys (the value's order-preserving bits
-with the index in the low bits); the exact order takes two such sorts, one
-per part of the value's bits, as in a radix sort. The refined mode, which
-needs no exact order, sorts once with ``exact=False``: keys that keep a
-float's order to about ``2**-14`` relative.
+balancer calls them inside its loops. These versions give the same results
+as :mod:`eplb_jax._src.ops.xla` (first index among ties, stable order) using
+only plain reductions and comparisons. Long rows are sorted by a bitonic
+network over distinct int32 keys (the value's order-preserving bits with the
+index in the low bits); the exact order takes two such sorts, one per part
+of the value's bits, as in a radix sort.
 """
 
 from __future__ import annotations
@@ -17,19 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def sum_last(x: jax.Array) -> jax.Array:
-  """Sum over the last axis, added left to right.
-
-  XLA:CPU's reduction order (and so the float32 rounding) depends on the
-  shape of the whole array; an unrolled chain of adds gives the same bits for
-  a row whatever the batch around it, so results do not depend on how many
-  layers are balanced together (or on which device).
-  """
-  total = x[..., 0]
-  for i in range(1, x.shape[-1]):
-    total = total + x[..., i]
-  return total
+from eplb_jax._src.ops import keys
 
 
 def argmin_first(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -46,27 +32,8 @@ def argmax_first(x: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.where(at_max, iota, x.shape[axis]).min(axis=axis)
 
 
-def _ordered_int(x: jax.Array) -> jax.Array:
-  """Maps float32 ``x`` to int32 in the same order (``-0.0`` below ``0.0``)."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-  return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-def _coarse_key(x: jax.Array) -> jax.Array:
-  """Distinct int32 keys that order ``x [..., n]`` (float32) descending, ties to the lower index.
-
-  The float32 bits are mapped to int32 in the same order as the values; their
-  ``ceil(log2 n)`` lowest bits are then replaced by the complement of the
-  index. Values that differ only in those bits tie, so the order is exact to
-  a relative ``2**(ceil(log2 n) - 23)`` of the values.
-  """
-  n = x.shape[-1]
-  low = (1 << max(n - 1, 0).bit_length()) - 1
-  return (_ordered_int(x) & ~low) | (low - jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1))
-
-
-# Rows up to this long are rank-counted by an unrolled chain; longer ones
-# (only the 128-pack shapes) by a reduction, whose compile time is shorter.
+# Rows up to this long are rank-counted by an unrolled chain; longer ones by
+# a reduction, whose compile time is shorter.
 _UNROLL_MAX = 96
 
 
@@ -76,8 +43,7 @@ def _ranks(key: jax.Array, index: jax.Array | None) -> jax.Array:
   With ``index``, equal keys go to the lower index; without, keys are distinct.
   Counts the elements that come before each with an unrolled chain of
   compare-and-adds, one per element: XLA:CPU fuses it into one loop, whereas
-  it materialises a ``[..., n, n]`` comparison summed by a reduction (2-3x
-  slower at ``n = 64`` to ``72``).
+  it materialises a ``[..., n, n]`` comparison for a reduction.
   """
   if key.shape[-1] > _UNROLL_MAX:
     before = key[..., None, :] > key[..., :, None]
@@ -98,13 +64,11 @@ def _ranks(key: jax.Array, index: jax.Array | None) -> jax.Array:
 def descending_ranks(x: jax.Array, exact: bool = True) -> jax.Array:
   """Position of each element of ``x [..., n]`` in a stable descending sort (int32).
 
-  ``exact=False`` orders by :func:`_coarse_key` instead (cheaper: one compare
-  per pair; values within ``2**(ceil(log2 n) - 23)`` of each other may come
-  in index order instead of value order).
+  ``exact=False`` orders by :func:`keys.coarse_key` instead (one compare per pair).
   """
   if exact:
     return _ranks(x, jnp.arange(x.shape[-1]))
-  return _ranks(_coarse_key(x), None)
+  return _ranks(keys.coarse_key(x), None)
 
 
 def _by_rank(x: jax.Array, ranks: jax.Array) -> jax.Array:
@@ -116,8 +80,7 @@ _RANK_COUNT_MAX = 128
 
 # A longer row is cut into runs of this many elements, sorted by rank
 # counting, then merged by the bitonic network: as fast as the network's
-# first stages, and fewer stages to compile. (Runs of 128 are as fast on
-# rows of 512 but twice as slow on rows of 1024 inside the placement.)
+# first stages, and fewer stages to compile.
 _BITONIC_RUN = 64
 
 
@@ -154,19 +117,17 @@ def _sort_indexed(key: jax.Array) -> jax.Array:
 def argsort_descending(x: jax.Array, exact: bool = True) -> jax.Array:
   """Stable descending argsort of ``x [..., n]`` (ties to the lower index), int32.
 
-  ``exact=False`` sorts by :func:`_coarse_key` (see :func:`descending_ranks`):
-  distinct int32 keys, so about half the work of the exact sort.
+  ``exact=False`` sorts by :func:`keys.coarse_key`: distinct int32 keys, so
+  about half the work of the exact sort.
   """
   *batch, n = x.shape
   if n <= _RANK_COUNT_MAX:
     iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
     return _by_rank(iota, descending_ranks(x, exact))
   size = 1 << (n - 1).bit_length()
-  pad = [(0, 0)] * len(batch) + [(0, size - n)]
-  # -0.0 ties with 0.0 in the exact order, as in a float comparison.
-  padded = jnp.pad(jnp.where(x == 0, 0.0, x) if exact else x, pad, constant_values=-jnp.inf)
+  padded = jnp.pad(x, [(0, 0)] * len(batch) + [(0, size - n)], constant_values=-jnp.inf)
   if not exact:
-    return _sort_indexed(_coarse_key(padded))[..., :n]
+    return _sort_indexed(keys.coarse_key(padded))[..., :n]
   # Exact: two sorts of distinct keys, least significant part first (as in a
   # radix sort). The value's order-preserving bits split into a high and a low
   # part; the first sort orders by (low part, index), the second by (high
@@ -176,7 +137,7 @@ def argsort_descending(x: jax.Array, exact: bool = True) -> jax.Array:
     raise ValueError(f"exact sorts take rows of at most 32768 elements, got {n}")
   low_bits = 31 - index_bits
   iota = jax.lax.broadcasted_iota(jnp.int32, padded.shape, padded.ndim - 1)
-  ordered = _ordered_int(padded)
+  ordered = keys.exact_key(padded)
   by_low = _sort_indexed(((ordered & ((1 << low_bits) - 1)) << index_bits) | (size - 1 - iota))
   high = jnp.take_along_axis(ordered >> low_bits, by_low, axis=-1)
   by_high = _sort_indexed((high << index_bits) | (size - 1 - iota))

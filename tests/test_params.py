@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from _sharded_checks import run_checks
 
-from eplb_jax import weights
+from eplb_jax.runtime import params
 
 
-def params(num_layers: int, num_experts: int, seed: int = 0) -> dict:
+def stacked_params(num_layers: int, num_experts: int, seed: int = 0) -> dict:
   """A pytree of ``[L, E, ...]`` leaves of several ranks and dtypes."""
   rng = np.random.default_rng(seed)
   return {
@@ -50,16 +50,16 @@ class ApplyPlacementTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_layered_matches_numpy(self):
     phy2log, _ = placement()
-    logical = params(3, 8)
-    out = self.variant(weights.apply_placement)(logical, phy2log)
+    logical = stacked_params(3, 8)
+    out = self.variant(params.apply_placement)(logical, phy2log)
     chex.assert_trees_all_equal(out, numpy_gather(logical, phy2log))
     chex.assert_shape(out["w"], (3, 12, 3, 2))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_one_layer_matches_numpy(self):
     phy2log, _ = placement(num_layers=1)
-    logical = jax.tree.map(lambda x: x[0], params(1, 8))
-    out = self.variant(weights.apply_placement)(logical, phy2log[0])
+    logical = jax.tree.map(lambda x: x[0], stacked_params(1, 8))
+    out = self.variant(params.apply_placement)(logical, phy2log[0])
     chex.assert_trees_all_equal(out, jax.tree.map(lambda x: x[np.asarray(phy2log[0])], logical))
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -67,46 +67,46 @@ class ApplyPlacementTest(chex.TestCase):
     old_phy2log, old_log2phy = placement(seed=0)
     new_phy2log, _ = placement(seed=1)
     assert not np.array_equal(old_phy2log, new_phy2log)
-    logical = params(3, 8)
-    per_slot = weights.apply_placement(logical, old_phy2log)
-    moved = self.variant(weights.relayout)(per_slot, old_log2phy, new_phy2log)
-    chex.assert_trees_all_equal(moved, weights.apply_placement(logical, new_phy2log))
+    logical = stacked_params(3, 8)
+    per_slot = params.apply_placement(logical, old_phy2log)
+    moved = self.variant(params.relayout)(per_slot, old_log2phy, new_phy2log)
+    chex.assert_trees_all_equal(moved, params.apply_placement(logical, new_phy2log))
 
   def test_relayout_one_layer(self):
     old_phy2log, old_log2phy = placement(num_layers=1, seed=0)
     new_phy2log, _ = placement(num_layers=1, seed=1)
-    logical = jax.tree.map(lambda x: x[0], params(1, 8))
-    per_slot = weights.apply_placement(logical, old_phy2log[0])
-    moved = weights.relayout(per_slot, old_log2phy[0], new_phy2log[0])
-    chex.assert_trees_all_equal(moved, weights.apply_placement(logical, new_phy2log[0]))
+    logical = jax.tree.map(lambda x: x[0], stacked_params(1, 8))
+    per_slot = params.apply_placement(logical, old_phy2log[0])
+    moved = params.relayout(per_slot, old_log2phy[0], new_phy2log[0])
+    chex.assert_trees_all_equal(moved, params.apply_placement(logical, new_phy2log[0]))
 
   def test_no_retrace_for_new_placements(self):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def fn(tree, phy2log):
-      return weights.apply_placement(tree, phy2log)
+      return params.apply_placement(tree, phy2log)
 
-    logical = params(3, 8)
+    logical = stacked_params(3, 8)
     for seed in range(3):
       phy2log, _ = placement(seed=seed)
       chex.assert_trees_all_equal(fn(logical, phy2log), numpy_gather(logical, phy2log))
 
   def test_bad_phy2log(self):
     with pytest.raises(ValueError, match="phy2log"):
-      weights.apply_placement(params(1, 8), jnp.zeros((1, 1, 12), jnp.int32))
+      params.apply_placement(stacked_params(1, 8), jnp.zeros((1, 1, 12), jnp.int32))
 
   def test_mesh_of_one_device(self):
     mesh = jax.make_mesh((1,), ("expert",))
     phy2log, _ = placement()
-    out = weights.apply_placement(params(3, 8), phy2log, mesh=mesh)
-    chex.assert_trees_all_equal(out, numpy_gather(params(3, 8), phy2log))
+    out = params.apply_placement(stacked_params(3, 8), phy2log, mesh=mesh)
+    chex.assert_trees_all_equal(out, numpy_gather(stacked_params(3, 8), phy2log))
     with pytest.raises(ValueError, match="expert_axis"):
-      weights.apply_placement(params(3, 8), phy2log, mesh=mesh, expert_axis="experts")
+      params.apply_placement(stacked_params(3, 8), phy2log, mesh=mesh, expert_axis="experts")
 
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, str]:
-  return run_checks("weights")
+  return run_checks("params")
 
 
 @pytest.mark.parametrize("name", ["placement_sharded_over_experts", "bad_expert_axis"])

@@ -4,9 +4,9 @@ Layers are independent balancing problems, so splitting the ``[layers,
 experts]`` loads over a mesh axis lets every device compute the placement of
 its layers locally. :func:`shard_layers` runs an unsharded core under
 :func:`jax.shard_map` over that axis: the compiled program holds no
-collective, and the three maps come back sharded like the loads,
-``NamedSharding(mesh, P(layer_axis))``. :func:`eplb_jax.rebalance_experts`
-uses it when given ``mesh=``.
+collective, and the maps come back sharded like the loads,
+``NamedSharding(mesh, P(layer_axis))``. :func:`eplb_jax.rebalance` uses it
+when given ``mesh=``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AxisName = str | tuple[str, ...]
-Maps = tuple[jax.Array, jax.Array, jax.Array]
 
 
 def check_mesh_axis(
@@ -79,13 +78,13 @@ def _names(spec: P) -> set[str]:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def shard_layers(
-  core: Callable[..., Maps], static: tuple, mesh: Mesh, layer_axis: AxisName, *arrays: jax.Array
-) -> Maps:
+  core: Callable, static: tuple, mesh: Mesh, layer_axis: AxisName, *arrays: jax.Array
+):
   """Runs ``core(*arrays, *static)`` on each device's layers of ``arrays``.
 
   Arrays of rank >= 1 are split over ``layer_axis`` along their first axis;
   scalars are replicated. ``core`` must be a hashable function (a module-level
-  one) returning ``[L, ...]`` maps, which come back sharded as
+  one) returning a pytree of ``[L, ...]`` arrays, which come back sharded as
   ``NamedSharding(mesh, P(layer_axis))``.
   """
   spec = P(layer_axis)
@@ -94,11 +93,9 @@ def shard_layers(
   # out as in_specs says already.
   arrays = tuple(lay_out(a, NamedSharding(mesh, s)) for a, s in zip(arrays, specs, strict=True))
 
-  def local(*shards: jax.Array) -> Maps:
+  def local(*shards: jax.Array):
     return core(*shards, *static)
 
   # check_vma=False: the core's loop carries start from constants, which the
   # varying-axes type check would reject; the body has no collectives to check.
-  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(spec,) * 3, check_vma=False)(
-    *arrays
-  )
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*arrays)

@@ -26,8 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from eplb_jax import _checks
-from eplb_jax import _ops
+from eplb_jax._src import ops
 
 
 def _picks_top_k(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.Array]:
@@ -48,7 +47,7 @@ def _picks_loop(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.A
 
   def pick(i, state):
     counts, per_replica, expert, c = state
-    e = _ops.argmax_first(per_replica)
+    e = ops.argmax_first(per_replica)
     chosen = jnp.arange(num_log) == e
     # Only the chosen expert's load per replica changes: one division per row.
     per_replica = jnp.where(chosen, weight[e] / (counts[e] + 1), per_replica)
@@ -103,7 +102,7 @@ def _picks_bisection(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, 
   expert = jnp.repeat(jnp.arange(num_log), extra, total_repeat_length=num_redundant)
   first = jnp.cumsum(extra) - extra
   c = jnp.arange(num_redundant) - first[expert] + 1
-  order = _ops.argsort_descending(weight[expert] / c.astype(jnp.float32))
+  order = ops.argsort_descending(weight[expert] / c.astype(jnp.float32))
   return expert[order], c[order]
 
 
@@ -114,17 +113,23 @@ _CPU_LOOP_MAX_PICKS = 32
 
 def _picks(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.Array]:
   cpu = _picks_loop if num_redundant <= _CPU_LOOP_MAX_PICKS else _picks_bisection
-  return jax.lax.platform_dependent(
+  return ops.by_platform(
     weight,
     cpu=functools.partial(cpu, num_redundant=num_redundant),
     default=functools.partial(_picks_top_k, num_redundant=num_redundant),
   )
 
 
-def replicate_rows(weight: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Unchecked core of :func:`replicate_experts` (``weight`` float32 ``[X, n]``)."""
+def replicate_rows(weight: jax.Array, num_replicas: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Replicates the experts of each row of float32 ``weight [X, n]`` into ``num_replicas`` slots.
+
+  Returns ``(phy2log, rank, logcnt)``, int32: ``phy2log [X, num_replicas]``
+  the expert of each slot (slot ``i < n`` holds expert ``i``; the redundant
+  slots follow in greedy order), ``rank`` each slot's replica index within
+  its expert, ``logcnt [X, n]`` the replicas of each expert.
+  """
   rows, num_log = weight.shape
-  num_redundant = num_phy - num_log
+  num_redundant = num_replicas - num_log
   identity = jnp.broadcast_to(jnp.arange(num_log, dtype=jnp.int32), (rows, num_log))
   if num_redundant == 0:
     return identity, jnp.zeros_like(identity), jnp.ones_like(identity)
@@ -134,28 +139,3 @@ def replicate_rows(weight: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Arra
   phyrank = jnp.concatenate([jnp.zeros_like(identity), rank], axis=1)
   logcnt = jnp.ones_like(identity).at[jnp.arange(rows)[:, None], expert].add(1)
   return phy2log, phyrank, logcnt
-
-
-def replicate_experts(
-  weight: jax.typing.ArrayLike, num_phy: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Replicates ``num_log`` experts into ``num_phy`` slots, minimising the max load per replica.
-
-  Args:
-    weight: ``[X, num_log]`` load of each logical expert (int or float).
-    num_phy: total number of replicas, ``>= num_log``.
-
-  Returns:
-    ``(phy2log, rank, logcnt)``, int32: ``phy2log [X, num_phy]`` the logical
-    expert of each slot (slot ``i < num_log`` holds expert ``i``; the redundant
-    slots follow in greedy order), ``rank [X, num_phy]`` the replica index of
-    each slot within its expert, ``logcnt [X, num_log]`` replicas per expert.
-  """
-  weight = _checks.check_weight(weight)
-  num_phy = _checks.check_size(num_phy, "num_phy")
-  if num_phy < weight.shape[1]:
-    raise ValueError(f"num_phy must be >= the number of experts ({weight.shape[1]}), got {num_phy}")
-  return _replicate_jit(weight, num_phy)
-
-
-_replicate_jit = jax.jit(replicate_rows, static_argnums=1)

@@ -1,0 +1,1 @@
+"""The implementation of eplb_jax; the public surface is :mod:`eplb_jax` and its subpackages."""

@@ -1,0 +1,373 @@
+"""The public entry points: check the arguments, then run a jitted core.
+
+:func:`rebalance` is the balancer on a :class:`Topology`; it serves the fresh
+placement, the migration-aware one (given the placement in service) and both
+sharded over a device mesh. :func:`rebalance_experts` is DeepSeek's
+signature over it, and the other functions are DeepSeek's building blocks
+and the migration cost.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from eplb_jax._src import checks
+from eplb_jax._src import migration
+from eplb_jax._src import packing
+from eplb_jax._src import placement
+from eplb_jax._src import replication
+from eplb_jax._src import sharding
+from eplb_jax._src.modes import Mode
+from eplb_jax._src.modes import check_mode
+from eplb_jax._src.placement import Placement
+from eplb_jax._src.problem import PackingProblem
+from eplb_jax._src.topology import Topology
+
+DEFAULT_TOLERANCE = migration.DEFAULT_TOLERANCE
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _place(weight: jax.Array, topology: Topology, mode: Mode) -> Placement:
+  return placement.place(checks.sanitize_weight(weight), topology, mode)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _migrate(
+  weight: jax.Array, previous: jax.Array, tolerance: jax.Array, topology: Topology, mode: Mode
+) -> Placement:
+  weight = checks.sanitize_weight(weight)
+  previous = jnp.where((previous >= 0) & (previous < weight.shape[1]), previous, -1)
+  tolerance = jnp.clip(tolerance, 0.0, 1.0)
+  return migration.migrate(weight, previous, tolerance, topology, mode)
+
+
+def _check_weight(weight: jax.typing.ArrayLike, topology: Topology, **kwargs) -> jax.Array:
+  """Static and value checks of ``weight [L, E]`` against ``topology``; returns float32 loads."""
+  weight = checks.check_weight(weight)
+  topology.check_experts(weight.shape[1], **kwargs)
+  checks.check_weight_values(weight)
+  return weight
+
+
+def _check_phy2log(phy2log: jax.typing.ArrayLike, name: str) -> jax.Array:
+  if np.ndim(phy2log) != 2:
+    raise ValueError(f"{name} must be 2-D [layers, num_replicas], got shape {np.shape(phy2log)}")
+  phy2log = jnp.asarray(phy2log)
+  if not jnp.issubdtype(phy2log.dtype, jnp.integer):
+    raise ValueError(f"{name} must have an integer dtype, got {phy2log.dtype}")
+  return phy2log.astype(jnp.int32)
+
+
+def _check_previous(
+  previous_phy2log: jax.typing.ArrayLike, weight: jax.Array, topology: Topology
+) -> jax.Array:
+  """Checks ``previous_phy2log [L, P]``: expert ids in ``[0, E)``, or -1 for an empty slot."""
+  previous = _check_phy2log(previous_phy2log, "previous_phy2log")
+  if previous.shape != (weight.shape[0], topology.num_replicas):
+    raise ValueError(
+      "previous_phy2log must have shape [layers, num_replicas] = "
+      f"{(weight.shape[0], topology.num_replicas)}, got {previous.shape}"
+    )
+  if checks.is_concrete(previous_phy2log) and previous.size:
+    low, high = int(previous.min()), int(previous.max())
+    if low < -1 or high >= weight.shape[1]:
+      raise ValueError(
+        f"previous_phy2log must hold expert ids in [0, {weight.shape[1]}) or -1 for an "
+        f"empty slot, found [{low}, {high}]"
+      )
+  return previous
+
+
+def _check_tolerance(tolerance: jax.typing.ArrayLike) -> jax.Array:
+  if checks.is_concrete(tolerance) and not 0 <= float(np.asarray(tolerance)) < 1:
+    raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+  return jnp.asarray(tolerance, jnp.float32)
+
+
+def rebalance(
+  weight: jax.typing.ArrayLike,
+  topology: Topology,
+  *,
+  mode: str | Mode = "refined",
+  previous_phy2log: jax.typing.ArrayLike | None = None,
+  tolerance: jax.typing.ArrayLike = DEFAULT_TOLERANCE,
+  mesh: Mesh | None = None,
+  layer_axis: sharding.AxisName | None = None,
+) -> Placement:
+  """Places the replicas of every logical expert on ``topology``'s GPUs.
+
+  Uses ``topology.policy``: hierarchical (expert groups packed onto nodes,
+  then replicas onto each node's GPUs) or global. ``topology`` and ``mode``
+  are static; ``weight`` may be traced, and a new ``weight`` never retraces.
+  Under ``jax.jit`` negative, NaN and infinite loads count as 0; called
+  eagerly they raise ``ValueError``.
+
+  Args:
+    weight: ``[L, E]`` load statistics of each logical expert, int or float.
+    topology: slots, expert groups, nodes and GPUs.
+    mode: ``"refined"`` (default), ``"greedy"`` (DeepSeek's placement
+      exactly), or a :class:`Refined` / :class:`Greedy` instance.
+    previous_phy2log: optional ``[L, P]`` placement in service (-1 marks an
+      empty slot). When given, the result keeps replicas where they are as
+      far as it can while every layer's heaviest GPU stays within
+      ``1 + tolerance`` times a fresh placement's.
+    tolerance: with ``previous_phy2log``, a scalar in ``[0, 1)``; may be
+      traced (then clipped to ``[0, 1]``).
+    mesh: optional device mesh; with ``layer_axis``, each device balances its
+      own layers (no communication) and the maps come back sharded as
+      ``NamedSharding(mesh, P(layer_axis))``. ``L`` must divide evenly.
+    layer_axis: the mesh axis name (or tuple of names) that splits the layers.
+
+  Returns:
+    The :class:`Placement` (``phy2log``, ``log2phy``, ``logcnt``).
+  """
+  if not isinstance(topology, Topology):
+    raise ValueError(f"topology must be a Topology, got {type(topology).__name__}")
+  mode = check_mode(mode)
+  weight = _check_weight(weight, topology)
+  if (mesh is None) != (layer_axis is None):
+    raise ValueError("mesh must be given with layer_axis, and layer_axis with mesh")
+  if previous_phy2log is None:
+    core, arrays = _place, (weight,)
+  else:
+    previous = _check_previous(previous_phy2log, weight, topology)
+    core, arrays = _migrate, (weight, previous, _check_tolerance(tolerance))
+  if mesh is None:
+    return core(*arrays, topology, mode)
+  layer_axis = sharding.check_mesh_axis(mesh, layer_axis, weight.shape[0])
+  return sharding.shard_layers(core, (topology, mode), mesh, layer_axis, *arrays)
+
+
+def rebalance_experts(
+  weight: jax.typing.ArrayLike,
+  num_replicas: int,
+  num_groups: int,
+  num_nodes: int,
+  num_gpus: int,
+  *,
+  mode: str | Mode = "refined",
+  previous_phy2log: jax.typing.ArrayLike | None = None,
+  mesh: Mesh | None = None,
+  layer_axis: sharding.AxisName | None = None,
+) -> Placement:
+  """Expert-parallelism load balancer: DeepSeek's ``rebalance_experts`` in JAX.
+
+  Uses the hierarchical policy when ``num_groups % num_nodes == 0`` and the
+  global one (a single group and node) otherwise. Sizes are static Python
+  ints; ``weight`` may be traced, and a new ``weight`` never retraces.
+  Under ``jax.jit`` negative, NaN and infinite loads count as 0; called
+  eagerly they raise ``ValueError``.
+
+  Args:
+    weight: ``[L, E]`` load statistics of each logical expert, int or float.
+    num_replicas: ``P``, physical expert slots; a multiple of ``num_gpus``, ``>= E``.
+    num_groups: expert groups (the hierarchical path needs ``E % num_groups == 0``).
+    num_nodes: server nodes; ``num_gpus`` must be a multiple of it.
+    num_gpus: GPUs in total.
+    mode: ``"refined"`` (default), ``"greedy"`` (DeepSeek's placement
+      exactly), or a :class:`Refined` / :class:`Greedy` instance.
+    previous_phy2log: optional ``[L, P]`` placement in service (-1 marks an
+      empty slot). When given, the result keeps replicas where they are as
+      far as it can while every layer's heaviest GPU stays within 0.1% of a
+      fresh placement's (see :func:`rebalance_with_previous`).
+    mesh: optional device mesh; with ``layer_axis``, each device balances its
+      own layers (no communication) and the maps come back sharded as
+      ``NamedSharding(mesh, P(layer_axis))``. ``L`` must divide evenly.
+    layer_axis: the mesh axis name (or tuple of names) that splits the layers.
+
+  Returns:
+    A :class:`Placement`, which unpacks as DeepSeek's ``(phy2log, log2phy,
+    logcnt)``, int32: ``phy2log [L, P]`` the logical expert of each physical
+    slot (``P / num_gpus`` consecutive slots per GPU), ``log2phy [L, E, P - E
+    + 1]`` the slots of each expert, -1 padded, and ``logcnt [L, E]`` the
+    number of replicas of each expert.
+  """
+  return rebalance(
+    weight,
+    Topology(num_replicas, num_groups, num_nodes, num_gpus),
+    mode=mode,
+    previous_phy2log=previous_phy2log,
+    mesh=mesh,
+    layer_axis=layer_axis,
+  )
+
+
+def rebalance_with_previous(
+  weight: jax.typing.ArrayLike,
+  num_replicas: int,
+  num_groups: int,
+  num_nodes: int,
+  num_gpus: int,
+  previous_phy2log: jax.typing.ArrayLike,
+  *,
+  mode: str | Mode = "refined",
+  tolerance: jax.typing.ArrayLike = DEFAULT_TOLERANCE,
+) -> Placement:
+  """:func:`rebalance_experts`, moving few replicas away from ``previous_phy2log``.
+
+  Guarantee: in every layer the heaviest GPU load is at most ``1 + tolerance``
+  times that of the fresh placement ``rebalance_experts(weight, ..., mode=mode)``
+  (equivalently, balancedness at least the fresh one's divided by ``1 +
+  tolerance``), up to float32 rounding. The placement follows the same policy
+  (hierarchical: the experts of a group stay on one node).
+
+  Args:
+    weight: ``[L, E]`` load statistics of each logical expert.
+    num_replicas: ``P``, physical expert slots; a multiple of ``num_gpus``, ``>= E``.
+    num_groups: expert groups.
+    num_nodes: server nodes.
+    num_gpus: GPUs in total.
+    previous_phy2log: ``[L, P]`` int, the placement in service (expert of each
+      slot, -1 for an empty slot). Under ``jax.jit`` other values count as
+      an empty slot.
+    mode: placement mode of the fresh reference.
+    tolerance: scalar in ``[0, 1)``, the allowed relative excess of the heaviest
+      GPU over the fresh one's; may be traced (then clipped to ``[0, 1]``).
+
+  Returns:
+    The :class:`Placement`, as :func:`rebalance_experts`.
+  """
+  return rebalance(
+    weight,
+    Topology(num_replicas, num_groups, num_nodes, num_gpus),
+    mode=mode,
+    previous_phy2log=previous_phy2log,
+    tolerance=tolerance,
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _hierarchical(weight: jax.Array, topology: Topology, mode: Mode):
+  return placement.place_rows(checks.sanitize_weight(weight), topology, mode)
+
+
+def rebalance_experts_hierarchical(
+  weight: jax.typing.ArrayLike,
+  num_replicas: int,
+  num_groups: int,
+  num_nodes: int,
+  num_gpus: int,
+  *,
+  mode: str | Mode = "refined",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Hierarchical placement: groups onto nodes, then replicas onto GPUs (DeepSeek's).
+
+  Args:
+    weight: ``[L, E]`` load of each logical expert.
+    num_replicas: ``P``, total slots (DeepSeek's ``num_physical_experts``); a
+      multiple of ``num_gpus``, ``>= E``.
+    num_groups: expert groups; must divide ``E`` and be a multiple of ``num_nodes``.
+    num_nodes: server nodes (fast intra-node links); must divide ``num_gpus``.
+    num_gpus: GPUs in total.
+    mode: ``"greedy"`` (DeepSeek's placement), ``"refined"``, or a mode instance.
+
+  Returns:
+    ``(phy2log, phyrank, logcnt)``, int32: ``phy2log [L, P]`` the expert in each
+    slot (slots numbered GPU by GPU), ``phyrank [L, P]`` each slot's replica
+    index within its expert, ``logcnt [L, E]`` the replicas of each expert.
+  """
+  topology = Topology(num_replicas, num_groups, num_nodes, num_gpus)
+  mode = check_mode(mode)
+  weight = _check_weight(weight, topology, hierarchical=True)
+  return _hierarchical(weight, topology, mode)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _replicate(weight: jax.Array, num_replicas: int):
+  return replication.replicate_rows(checks.sanitize_weight(weight), num_replicas)
+
+
+def replicate_experts(
+  weight: jax.typing.ArrayLike, num_replicas: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Replicates ``n`` experts into ``num_replicas`` slots, minimising the max load per replica.
+
+  Args:
+    weight: ``[X, n]`` load of each logical expert (int or float).
+    num_replicas: replicas per row in total (DeepSeek's ``num_phy``), ``>= n``.
+
+  Returns:
+    ``(phy2log, rank, logcnt)``, int32: ``phy2log [X, num_replicas]`` the
+    logical expert of each slot (slot ``i < n`` holds expert ``i``; the
+    redundant slots follow in greedy order), ``rank [X, num_replicas]`` the
+    replica index of each slot within its expert, ``logcnt [X, n]`` replicas
+    per expert.
+  """
+  weight = checks.check_weight(weight)
+  num_replicas = checks.check_size(num_replicas, "num_replicas")
+  if num_replicas < weight.shape[1]:
+    raise ValueError(
+      f"num_replicas must be >= the number of experts ({weight.shape[1]}), got {num_replicas}"
+    )
+  checks.check_weight_values(weight)
+  return _replicate(weight, num_replicas)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _pack(weight: jax.Array, num_packs: int, mode: Mode) -> tuple[jax.Array, jax.Array]:
+  problem = PackingProblem.distinct(checks.sanitize_weight(weight))
+  return jax.vmap(packing.slots_to_index)(packing.pack_slots(problem, num_packs, mode))
+
+
+def balanced_packing(
+  weight: jax.typing.ArrayLike, num_packs: int, *, mode: str | Mode = "refined"
+) -> tuple[jax.Array, jax.Array]:
+  """Packs ``n`` weighted items into ``num_packs`` packs of ``n / num_packs`` items each.
+
+  Args:
+    weight: ``[X, n]`` weight of each item; each row is packed independently.
+    num_packs: number of packs; must divide ``n``.
+    mode: ``"greedy"`` (DeepSeek's packing, exactly), ``"refined"``
+      (balanced differencing plus swap refinement), or a mode instance.
+
+  Returns:
+    ``(pack_index, rank_in_pack)``, int32 ``[X, n]``: the pack of each item and
+    its position inside that pack.
+  """
+  weight = checks.check_weight(weight)
+  num_packs = checks.check_size(num_packs, "num_packs")
+  mode = check_mode(mode)
+  if weight.shape[1] % num_packs:
+    raise ValueError(
+      f"num_packs must divide the number of items ({weight.shape[1]}), got {num_packs}"
+    )
+  checks.check_weight_values(weight)
+  return _pack(weight, num_packs, mode)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _migration_cost(old: jax.Array, new: jax.Array, num_gpus: int):
+  return migration.migration_cost(old, new, num_gpus)
+
+
+def migration_cost(
+  old_phy2log: jax.typing.ArrayLike, new_phy2log: jax.typing.ArrayLike, num_gpus: int
+) -> tuple[jax.Array, jax.Array]:
+  """Replicas a placement change moves onto GPUs, and slots it rewrites.
+
+  Args:
+    old_phy2log: ``[L, P]`` expert of each slot before (``P / num_gpus``
+      consecutive slots per GPU).
+    new_phy2log: ``[L, P]`` expert of each slot after.
+    num_gpus: GPUs in total; must divide ``P``.
+
+  Returns:
+    ``(moved, changed_slots)``, int32 ``[L]``: ``moved`` counts the replicas
+    that must arrive on a GPU, i.e. per GPU and expert the copies the GPU holds
+    after beyond those it held before (a GPU that had expert 3 once and now has
+    it twice receives one replica); ``changed_slots`` counts the slots whose
+    expert changes.
+  """
+  old = _check_phy2log(old_phy2log, "old_phy2log")
+  new = _check_phy2log(new_phy2log, "new_phy2log")
+  if old.shape != new.shape:
+    raise ValueError(f"new_phy2log must have the shape of old_phy2log {old.shape}, got {new.shape}")
+  num_gpus = checks.check_size(num_gpus, "num_gpus")
+  if new.shape[1] % num_gpus:
+    raise ValueError(f"num_gpus must divide the number of slots ({new.shape[1]}), got {num_gpus}")
+  return _migration_cost(old, new, num_gpus)

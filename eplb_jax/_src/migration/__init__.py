@@ -1,0 +1,115 @@
+"""Migration-aware rebalancing: keep expert replicas on the GPUs that already hold them.
+
+A rebalance that puts an expert on a GPU that did not hold it before costs a
+transfer of its weights. :func:`migrate` returns a placement as balanced as
+a fresh one (per layer, a heaviest GPU at most ``1 + tolerance`` times the
+fresh placement's) that moves few replicas, built from two kinds of
+candidates per layer:
+
+* *warm* (:mod:`.warm`): each node keeps the old replicas that are still
+  wanted (replica counts are the fresh placement's) and exchanges replicas
+  between GPUs until every GPU is under the target load;
+* *fresh*: the fresh placement with its nodes and GPUs relabelled
+  (:mod:`.relabel`) to overlap the old placement most.
+
+On the hierarchical policy the warm placement is tried twice: with the old
+placement's groups-to-nodes assignment, and with the fresh one's. With the
+fresh one each node takes the warm or the fresh GPU packing (warm when it is
+under the target), so that candidate always meets the target; the old
+assignment is used when all its nodes meet the target and it moves fewer
+replicas. Finally every GPU puts the experts it keeps back in their old
+slots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from eplb_jax._src import ops
+from eplb_jax._src import placement
+from eplb_jax._src.migration import relabel
+from eplb_jax._src.migration import warm
+from eplb_jax._src.migration.cost import migration_cost
+from eplb_jax._src.modes import Mode
+from eplb_jax._src.topology import Topology
+
+# Allowed relative excess of the heaviest GPU over a fresh placement's.
+DEFAULT_TOLERANCE = 1e-3
+
+
+def migrate(
+  weight: jax.Array, old: jax.Array, tolerance: jax.Array, topology: Topology, mode: Mode
+) -> placement.Placement:
+  """The placement of ``weight [L, E]`` that moves few replicas away from ``old [L, P]``.
+
+  ``old`` holds expert ids in ``[0, E)`` or -1 (an empty slot); ``tolerance``
+  is a float32 scalar in ``[0, 1]``.
+  """
+  domains = topology.packing_domains()
+  num_groups, num_nodes = domains.num_groups, domains.num_nodes
+  num_replicas, num_gpus = topology.num_replicas, topology.num_gpus
+  num_layers, num_logical = weight.shape
+  group_size = num_logical // num_groups
+  rows = jnp.arange(num_layers)[:, None]
+
+  fresh, _, fresh_count = placement.place_rows(weight, domains, mode)
+  target = placement.gpu_loads(weight, fresh, fresh_count, num_gpus).max(-1) * (1 + tolerance)
+
+  # overlap[l, g, k]: old slots of node k that hold an expert of group g.
+  slot_node = jnp.arange(num_replicas, dtype=jnp.int32) // domains.slots_per_node
+  old_group = jnp.where(old >= 0, old // group_size, num_groups)
+  overlap = jnp.zeros((num_layers, num_groups + 1, num_nodes), jnp.int32)
+  overlap = overlap.at[rows, old_group, slot_node].add(1)[:, :num_groups]
+  # Each node of the fresh placement goes to the old node it overlaps most.
+  fresh_node = jnp.zeros((num_layers, num_logical), jnp.int32).at[rows, fresh].set(slot_node)
+  fresh_group_node = fresh_node[:, ::group_size]
+  pack_overlap = jax.vmap(lambda g, o: jnp.zeros((num_nodes, num_nodes), jnp.int32).at[g].add(o))(
+    fresh_group_node, overlap
+  )
+  pack_node = jax.vmap(relabel.greedy_assign, (0, None))(pack_overlap, 1)
+  group_node = jnp.take_along_axis(pack_node, fresh_group_node, -1)
+
+  old_gpus = old.reshape(num_layers, num_nodes, domains.gpus_per_node, -1)
+  fresh_nodes = fresh.reshape(num_layers, num_nodes, domains.slots_per_node)
+  fresh_nodes = jnp.zeros_like(fresh_nodes).at[rows, pack_node].set(fresh_nodes)
+  relabel_nodes = jax.vmap(jax.vmap(relabel.relabel_gpus))
+  fresh_nodes = relabel_nodes(old_gpus, fresh_nodes.reshape(old_gpus.shape))
+  fresh_nodes = fresh_nodes.reshape(num_layers, num_nodes, domains.slots_per_node)
+
+  # The warm candidates (fresh and, with several nodes, old groups-to-nodes
+  # assignments) run as one batch of layers, compiled once.
+  assignments = [group_node]
+  if num_nodes > 1:
+    kept_node = jax.vmap(functools.partial(relabel.greedy_assign, capacity=num_groups // num_nodes))
+    assignments.append(kept_node(overlap))
+  copies = len(assignments)
+  candidate, candidate_max = warm.warm_candidate(
+    jnp.tile(weight, (copies, 1)),
+    jnp.tile(old, (copies, 1)),
+    jnp.concatenate(assignments),
+    jnp.tile(target, copies),
+    num_replicas,
+    num_nodes,
+    num_gpus,
+  )
+  use_warm = candidate_max[:num_layers] <= target[:, None]
+  phy2log = jnp.where(use_warm[..., None], candidate[:num_layers], fresh_nodes)
+  phy2log = phy2log.reshape(num_layers, num_replicas)
+  if num_nodes > 1:
+    stay = candidate[num_layers:].reshape(num_layers, num_replicas)
+    better = (candidate_max[num_layers:] <= target[:, None]).all(-1) & (
+      migration_cost(old, stay, num_gpus)[0] < migration_cost(old, phy2log, num_gpus)[0]
+    )
+    phy2log = jnp.where(better[:, None], stay, phy2log)
+
+  phy2log = jax.vmap(jax.vmap(relabel.align_slots))(
+    old.reshape(num_layers, num_gpus, -1), phy2log.reshape(num_layers, num_gpus, -1)
+  ).reshape(num_layers, num_replicas)
+  logcnt = jnp.zeros((num_layers, num_logical), jnp.int32).at[rows, phy2log].add(1)
+  phyrank = ops.occurrence_rank(phy2log)
+  return placement.Placement(
+    phy2log, placement.logical_to_physical(phy2log, phyrank, num_logical), logcnt
+  )
