@@ -6,6 +6,8 @@ are spread evenly over replicas), and a GPU's load is the sum over its slots.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -13,6 +15,7 @@ from eplb_jax._src import placement
 from eplb_jax._src import replication
 
 
+@functools.partial(jax.jit, static_argnames="num_gpus")
 def gpu_loads(
   weight: jax.typing.ArrayLike, phy2log: jax.Array, logcnt: jax.Array, num_gpus: int
 ) -> jax.Array:
@@ -35,6 +38,7 @@ def balancedness(loads: jax.Array) -> jax.Array:
   return layer_balancedness(loads).mean()
 
 
+@functools.partial(jax.jit, static_argnames=("num_replicas", "num_gpus"))
 def lower_bound(weight: jax.typing.ArrayLike, num_replicas: int, num_gpus: int) -> jax.Array:
   """A lower bound ``[L]`` on the max GPU load of any placement.
 

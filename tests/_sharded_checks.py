@@ -234,7 +234,7 @@ def run_checks(group: str) -> dict[str, str]:
   """Runs the checks of ``group`` in a subprocess on 8 host devices; returns their results."""
   proc = subprocess.run(
     [sys.executable, __file__, group],
-    env={**os.environ, "XLA_FLAGS": XLA_FLAGS},
+    env={**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}"},
     capture_output=True,
     text=True,
     timeout=600,

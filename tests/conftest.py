@@ -6,8 +6,20 @@ puts this directory on ``sys.path``), or use the ``assert_valid_placement`` fixt
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+
+# The suite compiles many small programs and runs each briefly: skip LLVM's
+# optimisation passes (XLA keeps IEEE semantics at every level, so results
+# are the same bits). Set before any test touches a backend; subprocesses
+# inherit it.
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+).strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from eplb_jax import workloads  # noqa: E402
 
 
 def check_placement(
@@ -74,6 +86,49 @@ def random_configs(count: int, seed: int) -> list[tuple[int, ...]]:
 def config_id(config: tuple[int, ...]) -> str:
   """Test id of a ``(layers, experts, num_replicas, num_groups, num_nodes, num_gpus)`` config."""
   return "L{}-E{}-P{}-g{}-n{}-G{}".format(*config)
+
+
+# The configurations the placement tests share, ``(layers, experts, num_replicas,
+# num_groups, num_nodes, num_gpus)``. Every test uses a configuration with its
+# number of layers, so each (configuration, mode) compiles once per session.
+CONFIGS = {
+  "readme": (2, 12, 16, 4, 2, 8),
+  "no-redundancy": (2, 8, 8, 4, 2, 4),
+  "one-slot-per-gpu": (1, 8, 12, 4, 2, 12),
+  "one-group-per-node": (4, 8, 12, 2, 2, 4),
+  "one-node": (3, 16, 20, 4, 1, 4),
+  "one-gpu-per-node": (2, 16, 24, 4, 4, 4),
+  "one-expert-per-group": (2, 6, 10, 6, 2, 2),
+  "deepseek-like": (2, 32, 40, 8, 4, 8),
+  "hierarchical": (3, 32, 40, 4, 2, 8),
+  "one-gpu": (3, 7, 9, 1, 1, 1),
+  "global": (2, 12, 16, 3, 2, 4),
+  "global-one-group": (3, 24, 32, 1, 2, 8),
+  "global-groups-not-dividing": (2, 10, 12, 3, 2, 4),
+  "global-many-replicas": (4, 5, 20, 1, 2, 4),
+  **{f"random-{config_id(c)}": c for c in random_configs(4, seed=7)},
+}
+
+
+def loads(kind: str, shape: tuple[int, int], seed: int) -> np.ndarray:
+  """Loads ``[layers, experts]`` of one kind.
+
+  ``float``: tie-free float32; ``tied``: small integers full of ties;
+  ``skewed``: log-normal with hot experts; ``one-hot``: one loaded expert per
+  layer; ``zero``: all zero.
+  """
+  rng = np.random.default_rng(seed)
+  if kind == "float":
+    return (rng.uniform(size=shape) * 1000 + rng.uniform(size=shape) * 1e-3).astype(np.float32)
+  if kind == "tied":
+    return rng.integers(0, 6, size=shape).astype(np.int32)
+  if kind == "skewed":
+    return workloads.skewed_loads(*shape, seed=seed, sigma=1.5)
+  if kind == "one-hot":
+    return np.eye(*shape, dtype=np.float32) * 100.0
+  if kind == "zero":
+    return np.zeros(shape, np.float32)
+  raise ValueError(kind)
 
 
 @pytest.fixture

@@ -6,20 +6,16 @@ import chex
 import jax
 import numpy as np
 import pytest
+from conftest import CONFIGS
 
 import eplb_jax
 from eplb_jax import metrics
 from eplb_jax import workloads
 from eplb_jax._src.migration import warm
 
-# (layers, experts, num_replicas, num_groups, num_nodes, num_gpus)
-HIERARCHICAL = (3, 32, 40, 4, 2, 8)  # 2 groups per node, 4 GPUs per node, 5 slots per GPU
-GLOBAL = (3, 24, 32, 1, 2, 8)  # 1 % 2 groups: the global policy
-EDGE = [
-  (2, 8, 8, 4, 2, 4),  # no redundant slot
-  (1, 8, 12, 4, 2, 12),  # one slot per GPU
-  (2, 16, 24, 4, 4, 4),  # one GPU per node
-]
+HIERARCHICAL = CONFIGS["hierarchical"]  # 2 groups per node, 4 GPUs per node, 5 slots per GPU
+GLOBAL = CONFIGS["global-one-group"]  # 1 % 2 groups: the global policy
+EDGE = [CONFIGS[name] for name in ("no-redundancy", "one-slot-per-gpu", "one-gpu-per-node")]
 
 
 def _ids(config) -> str:

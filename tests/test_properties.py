@@ -5,8 +5,8 @@ from __future__ import annotations
 import chex
 import numpy as np
 import pytest
-from conftest import config_id
-from conftest import random_configs
+from conftest import CONFIGS
+from conftest import loads
 
 import eplb_jax
 from eplb_jax import metrics
@@ -15,22 +15,7 @@ from eplb_jax import workloads
 MODES = ("greedy", "refined")
 
 
-CONFIGS = [
-  *random_configs(8, seed=2024),
-  (2, 8, 8, 4, 2, 4),  # no redundant slot
-  (1, 8, 12, 4, 2, 12),  # one slot per GPU
-  (2, 16, 24, 4, 4, 4),  # one GPU per node
-]
-
-
-def _load_sets(num_layers: int, num_experts: int, seed: int) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  return {
-    "skewed": workloads.skewed_loads(num_layers, num_experts, seed=seed),
-    "tied": rng.integers(0, 6, size=(num_layers, num_experts)).astype(np.int32),
-    "one-hot": np.eye(num_layers, num_experts, dtype=np.float32) * 100.0,
-    "zero": np.zeros((num_layers, num_experts), np.float32),
-  }
+LOAD_KINDS = ("skewed", "tied", "one-hot", "zero")
 
 
 def _check_hierarchy(phy2log, num_experts, num_replicas, num_groups, num_nodes) -> None:
@@ -52,12 +37,13 @@ def _check_hierarchy(phy2log, num_experts, num_replicas, num_groups, num_nodes) 
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_valid_placement(config, mode, assert_valid_placement):
   num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus = config
   sizes = (num_replicas, num_groups, num_nodes, num_gpus)
   for seed in range(2):
-    for kind, weight in _load_sets(num_layers, num_experts, seed).items():
+    for kind in LOAD_KINDS:
+      weight = loads(kind, (num_layers, num_experts), seed)
       phy2log, log2phy, logcnt = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
       try:
         assert_valid_placement(phy2log, log2phy, logcnt, num_experts, num_replicas, num_layers)
@@ -72,16 +58,19 @@ def _peaks(weight, sizes, mode):
   return np.asarray(metrics.gpu_loads(weight, phy2log, logcnt, sizes[-1])).max(-1)
 
 
-@pytest.mark.parametrize("config", random_configs(12, seed=7), ids=config_id)
-def test_refined_at_least_as_balanced_as_greedy(config):
-  """Balancedness (the mean over layers) of refined is at least greedy's."""
-  num_layers, num_experts, *sizes = config
-  weight = workloads.skewed_loads(4 * num_layers, num_experts, seed=1, sigma=1.5)
-  balance = {}
-  for mode in MODES:
-    phy2log, _, logcnt = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
-    balance[mode] = metrics.balancedness(metrics.gpu_loads(weight, phy2log, logcnt, sizes[-1]))
-  assert balance["refined"] >= balance["greedy"] - 1e-6, balance
+def test_refined_at_least_as_balanced_as_greedy():
+  """Over the shared configurations and three load seeds, the mean balancedness of
+  refined is at least greedy's."""
+  balance = {mode: [] for mode in MODES}
+  for num_layers, num_experts, *sizes in CONFIGS.values():
+    for seed in range(3):
+      weight = loads("skewed", (num_layers, num_experts), seed)
+      for mode in MODES:
+        placement = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
+        gpu_loads = placement.gpu_loads(weight, sizes[-1])
+        balance[mode].append(np.asarray(metrics.layer_balancedness(gpu_loads)))
+  greedy, refined = (np.concatenate(balance[mode]) for mode in MODES)
+  assert refined.mean() >= greedy.mean() - 1e-6, (refined.mean(), greedy.mean())
 
 
 def test_refined_beats_greedy_on_a_skewed_global_workload():
@@ -131,7 +120,7 @@ def test_replicate_experts(shape):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
-  "experts, sizes", [(384, (448, 1, 8, 64)), (256, (288, 8, 4, 32))], ids=["global", "hierarchical"]
+  "experts, sizes", [(128, (160, 1, 2, 16)), (64, (80, 8, 4, 16))], ids=["global", "hierarchical"]
 )
 def test_layers_do_not_depend_on_the_batch(mode, experts, sizes):
   """A layer's placement is the same whatever other layers are balanced with it.
@@ -140,9 +129,9 @@ def test_layers_do_not_depend_on_the_batch(mode, experts, sizes):
   sums whose rounding depends on the batch shape, or choices made across
   layers, would break it.
   """
-  weight = workloads.skewed_loads(24, experts, seed=3)
+  weight = workloads.skewed_loads(12, experts, seed=3)
   whole = eplb_jax.rebalance_experts(weight, *sizes, mode=mode)
-  parts = [eplb_jax.rebalance_experts(weight[i : i + 8], *sizes, mode=mode) for i in (0, 8, 16)]
+  parts = [eplb_jax.rebalance_experts(weight[i : i + 4], *sizes, mode=mode) for i in (0, 4, 8)]
   chex.assert_trees_all_equal(
     whole, eplb_jax.Placement(*(np.concatenate(p) for p in zip(*parts, strict=True)))
   )

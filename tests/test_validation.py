@@ -138,9 +138,9 @@ BAD_LOADS = {"negative": -5.0, "nan": np.nan, "inf": np.inf, "-inf": -np.inf}
 def _with_bad_loads(value: float) -> tuple[np.ndarray, np.ndarray]:
   """Random loads with a few entries set to ``value``, and the same loads with those set to 0."""
   rng = np.random.default_rng(0)
-  weight = rng.uniform(1.0, 100.0, size=(3, 12)).astype(np.float32)
+  weight = rng.uniform(1.0, 100.0, size=(2, 12)).astype(np.float32)
   bad = np.zeros(weight.shape, bool)
-  bad[0, 3] = bad[1, [0, 7]] = bad[2, 11] = True
+  bad[0, 3] = bad[1, [0, 7, 11]] = True
   return np.where(bad, np.float32(value), weight), np.where(bad, np.float32(0), weight)
 
 
@@ -171,5 +171,5 @@ JITTED = {
 def test_bad_loads_count_as_zero_under_jit(value, mode, assert_valid_placement):
   weight, zeroed = _with_bad_loads(value)
   got = JITTED[mode](weight, *SIZES)
-  assert_valid_placement(*got, num_experts=12, num_replicas=16, num_layers=3)
+  assert_valid_placement(*got, num_experts=12, num_replicas=16, num_layers=2)
   chex.assert_trees_all_equal(got, eplb_jax.rebalance_experts(zeroed, *SIZES, mode=mode))

@@ -77,14 +77,20 @@ def sum_last(x: jax.Array) -> jax.Array:
   the whole array; an unrolled chain of adds gives the same bits for a row
   whatever the batch around it, so results do not depend on how many layers
   are balanced together (or on which device). Rows up to 64 are added left to
-  right; longer rows by blocks of 64, then the block sums the same way, which
-  keeps the program small.
+  right; longer rows by blocks of 64, then the block sums left to right in a
+  loop, which keeps the program small (and keeps XLA from recomputing a long
+  chain inside every consumer it would fuse it into).
   """
   n = x.shape[-1]
   if n > _CHAIN_MAX:
     blocks = -(-n // _CHAIN_MAX)
     padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, blocks * _CHAIN_MAX - n)])
-    return sum_last(sum_last(padded.reshape(*x.shape[:-1], blocks, _CHAIN_MAX)))
+    partial = sum_last(padded.reshape(*x.shape[:-1], blocks, _CHAIN_MAX))
+
+    def add_block(i, total):
+      return total + jax.lax.dynamic_index_in_dim(partial, i, axis=-1, keepdims=False)
+
+    return jax.lax.fori_loop(1, blocks, add_block, partial[..., 0])
   total = x[..., 0]
   for i in range(1, n):
     total = total + x[..., i]
