@@ -20,7 +20,7 @@ VARIANTS = {"dispatch": ops, "cpu": cpu_ops, "xla": xla_ops}
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("n", [1, 2, 72, 96, 97, 128, 129, 448, 1000])
 def test_argsort_descending_is_the_stable_order(n, variant):
-  """Rank counting (n <= 128) and two sorts by bitonic networks (longer rows) on CPU, XLA's
+  """Rank counting (n <= 128) and two sorts of single int32 keys (longer rows) on CPU, XLA's
   sort elsewhere: on ties, values one ulp apart (only the low part of the key differs),
   signs and signed zeros."""
   rng = np.random.default_rng(n)

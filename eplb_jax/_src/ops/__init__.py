@@ -1,8 +1,8 @@
 """Array primitives of the balancer, each picking its implementation by backend.
 
 ``lax.platform_dependent`` lowers only the branch of the platform being
-compiled for: XLA:CPU takes :mod:`.cpu` (rank counting, bitonic networks and
-plain reductions, since its ``sort`` and variadic reductions are slow), every
+compiled for: XLA:CPU takes :mod:`.cpu` (rank counting, sorts of single int32 keys and
+plain reductions, since its variadic sorts and reductions are slow), every
 other backend :mod:`.xla` (XLA's ``sort``, ``argmin``, ``argmax``). Both give
 the same results bit for bit, so a placement does not depend on where it was
 computed. The tie rules are the reference's: first index among equal values,
