@@ -99,7 +99,8 @@ def _check_previous(
       f"{(weight.shape[0], topology.num_replicas)}, got {np.shape(previous)}"
     )
   if checks.is_concrete(previous) and previous.size:
-    low, high = int(previous.min()), int(previous.max())
+    with jax.ensure_compile_time_eval():  # concrete inside a trace too
+      low, high = int(previous.min()), int(previous.max())
     if low < -1 or high >= weight.shape[1]:
       raise ValueError(
         f"previous_phy2log must hold expert ids in [0, {weight.shape[1]}) or -1 for an "

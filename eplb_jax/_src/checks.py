@@ -96,9 +96,11 @@ def check_weight_values(weight: jax.Array | np.ndarray, name: str = "weight") ->
   if not is_concrete(weight):
     return
   xp = jnp if isinstance(weight, jax.Array) else np
-  if not bool(xp.all(xp.isfinite(weight))):
+  with jax.ensure_compile_time_eval():  # concrete loads inside a trace, e.g. a jit's constant
+    finite, negative = bool(xp.all(xp.isfinite(weight))), bool(xp.any(weight < 0))
+  if not finite:
     raise ValueError(f"{name} must be finite, found NaN or inf loads")
-  if bool(xp.any(weight < 0)):
+  if negative:
     raise ValueError(f"{name} must be non-negative, found negative loads")
 
 

@@ -81,7 +81,7 @@ def physical_slots(
     )
   num_experts = log2phy.shape[-2]
   if checks.is_concrete(logcnt) and checks.is_concrete(log2phy):
-    listed = np.asarray((log2phy >= 0).sum(-1))
+    listed = (np.asarray(log2phy) >= 0).sum(-1)
     if np.any(np.asarray(logcnt) > listed):
       raise ValueError("logcnt must not exceed the slots log2phy lists for each expert")
   logcnt = checks.narrow_ids(logcnt, log2phy.shape[-1] + 1, 0)

@@ -99,7 +99,8 @@ def _check_leaves(params: PyTree, phy2log: jax.Array | np.ndarray) -> list[jax.A
 def _check_range(ids: jax.Array | np.ndarray, name: str, limit: int, what: str) -> None:
   """Eager value check: every id of ``ids`` in ``[0, limit)``."""
   if checks.is_concrete(ids) and ids.size:
-    low, high = int(ids.min()), int(ids.max())
+    with jax.ensure_compile_time_eval():  # concrete inside a trace too
+      low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= limit:
       raise ValueError(f"{name} must hold ids in [0, {limit}), the {what}; found [{low}, {high}]")
 
