@@ -9,6 +9,7 @@ that runs every check of ``GROUP`` and prints one JSON object
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ from eplb_jax._src import sharding
 from eplb_jax.runtime import params
 
 XLA_FLAGS = "--xla_force_host_platform_device_count=8"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 # (num_replicas, num_groups, num_nodes, num_gpus): hierarchical, then global.
 CONFIGS = ((24, 4, 2, 8), (20, 3, 2, 4))
@@ -155,6 +157,30 @@ def sharded_weight_without_mesh():
 
 
 @check("sharding")
+def explicit_sharded_loads():
+  """Loads typed with Explicit axes (make_mesh's default), with and without mesh= and set_mesh."""
+  mesh = explicit_mesh((8,), ("x",))
+  sizes = CONFIGS[1]
+  weight = loads(seed=6)
+  expected = eplb_jax.rebalance_experts(weight, *sizes, mode="greedy")
+  jitted = jax.jit(lambda w: eplb_jax.rebalance_experts(w, *sizes, mode="greedy"))
+  for spec in (P("x"), P(None, "x")):
+    arg = jax.device_put(weight, NamedSharding(mesh, spec))
+    for in_context in (False, True):
+      with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
+        chex.assert_trees_all_equal(jitted(arg), expected)
+        got = eplb_jax.rebalance_experts(arg, *sizes, mode="greedy")
+        chex.assert_trees_all_equal(got, expected)
+        if spec == P("x"):  # balanced where the loads are
+          assert_sharded_like(got, mesh, "x")
+        got = eplb_jax.rebalance_experts(arg, *sizes, mode="greedy", mesh=mesh, layer_axis="x")
+        chex.assert_trees_all_equal(got, expected)
+  # Zero layers on a mesh: empty maps.
+  got = eplb_jax.rebalance_experts(weight[:0], *sizes, mode="greedy", mesh=mesh, layer_axis="x")
+  assert [a.shape for a in got] == [(0, 20), (0, 16, 5), (0, 16)], got
+
+
+@check("sharding")
 def bad_mesh_arguments():
   mesh = auto_mesh((2, 4), ("a", "x"))
   weight = loads(num_layers=6)
@@ -234,7 +260,12 @@ def run_checks(group: str) -> dict[str, str]:
   """Runs the checks of ``group`` in a subprocess on 8 host devices; returns their results."""
   proc = subprocess.run(
     [sys.executable, __file__, group],
-    env={**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}"},
+    env={
+      **os.environ,
+      "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}",
+      # The eplb_jax of this checkout, not another installed copy.
+      "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    },
     capture_output=True,
     text=True,
     timeout=600,

@@ -21,6 +21,7 @@ def results() -> dict[str, str]:
     "equal_to_unsharded_without_collectives",
     "no_retrace_with_new_loads",
     "sharded_weight_without_mesh",
+    "explicit_sharded_loads",
     "bad_mesh_arguments",
   ],
 )

@@ -31,17 +31,39 @@ from eplb_jax._src.topology import Topology
 DEFAULT_TOLERANCE = migration.DEFAULT_TOLERANCE
 
 
+def _rows(core):
+  """Lets a jitted core over rows take zero rows: it then returns its outputs empty.
+
+  ``core``'s array arguments (jax arrays of rank >= 1) share their first,
+  row axis and come first; its other arguments are static. With zero rows
+  the core is traced on one row, for the shapes and dtypes of its outputs.
+  """
+
+  @functools.wraps(core)
+  def wrapped(*args):
+    if args[0].shape[0]:
+      return core(*args)
+    is_rows = [isinstance(a, jax.Array) and a.ndim > 0 for a in args]
+    count = is_rows.index(False) if False in is_rows else len(args)
+    one_row = [jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype) for a in args[:count]]
+    shapes = jax.eval_shape(lambda *arrays: core(*arrays, *args[count:]), *one_row)
+    return jax.tree.map(lambda s: jnp.zeros((0, *s.shape[1:]), s.dtype), shapes)
+
+  return wrapped
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
+@_rows
 def _place(weight: jax.Array, topology: Topology, mode: Mode) -> Placement:
   return placement.place(checks.sanitize_weight(weight), topology, mode)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
+@_rows
 def _migrate(
   weight: jax.Array, previous: jax.Array, tolerance: jax.Array, topology: Topology, mode: Mode
 ) -> Placement:
   weight = checks.sanitize_weight(weight)
-  previous = jnp.where((previous >= 0) & (previous < weight.shape[1]), previous, -1)
   tolerance = jnp.clip(tolerance, 0.0, 1.0)
   return migration.migrate(weight, previous, tolerance, topology, mode)
 
@@ -66,21 +88,25 @@ def _check_phy2log(phy2log: jax.typing.ArrayLike, name: str) -> jax.Array:
 def _check_previous(
   previous_phy2log: jax.typing.ArrayLike, weight: jax.Array, topology: Topology
 ) -> jax.Array:
-  """Checks ``previous_phy2log [L, P]``: expert ids in ``[0, E)``, or -1 for an empty slot."""
-  previous = _check_phy2log(previous_phy2log, "previous_phy2log")
-  if previous.shape != (weight.shape[0], topology.num_replicas):
+  """Checks ``previous_phy2log [L, P]``: expert ids in ``[0, E)``, or -1 for an empty slot.
+
+  Returns it as int32, other ids (possible only when traced) as -1.
+  """
+  previous = checks.check_ids(previous_phy2log, "previous_phy2log")
+  if np.shape(previous) != (weight.shape[0], topology.num_replicas):
     raise ValueError(
       "previous_phy2log must have shape [layers, num_replicas] = "
-      f"{(weight.shape[0], topology.num_replicas)}, got {previous.shape}"
+      f"{(weight.shape[0], topology.num_replicas)}, got {np.shape(previous)}"
     )
-  if checks.is_concrete(previous_phy2log) and previous.size:
-    low, high = int(previous.min()), int(previous.max())
+  if checks.is_concrete(previous) and previous.size:
+    with jax.ensure_compile_time_eval():  # concrete inside a trace too
+      low, high = int(previous.min()), int(previous.max())
     if low < -1 or high >= weight.shape[1]:
       raise ValueError(
         f"previous_phy2log must hold expert ids in [0, {weight.shape[1]}) or -1 for an "
         f"empty slot, found [{low}, {high}]"
       )
-  return previous
+  return checks.narrow_ids(previous, weight.shape[1], -1)
 
 
 def _check_tolerance(tolerance: jax.typing.ArrayLike) -> jax.Array:
@@ -138,7 +164,12 @@ def rebalance(
     previous = _check_previous(previous_phy2log, weight, topology)
     core, arrays = _migrate, (weight, previous, _check_tolerance(tolerance))
   if mesh is None:
-    return core(*arrays, topology, mode)
+    # Loads split over Explicit mesh axes (their type says so) are balanced
+    # where they are, as with mesh=; any other Explicit layout is gathered.
+    split = sharding.rows_split(weight)
+    if split is None:
+      return core(*(sharding.replicate(a) for a in arrays), topology, mode)
+    mesh, layer_axis = split
   layer_axis = sharding.check_mesh_axis(mesh, layer_axis, weight.shape[0])
   return sharding.shard_layers(core, (topology, mode), mesh, layer_axis, *arrays)
 
@@ -242,6 +273,7 @@ def rebalance_with_previous(
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
+@_rows
 def _hierarchical(weight: jax.Array, topology: Topology, mode: Mode):
   return placement.place_rows(checks.sanitize_weight(weight), topology, mode)
 
@@ -278,6 +310,7 @@ def rebalance_experts_hierarchical(
 
 
 @functools.partial(jax.jit, static_argnums=1)
+@_rows
 def _replicate(weight: jax.Array, num_replicas: int):
   return replication.replicate_rows(checks.sanitize_weight(weight), num_replicas)
 
@@ -309,6 +342,7 @@ def replicate_experts(
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
+@_rows
 def _pack(weight: jax.Array, num_packs: int, mode: Mode) -> tuple[jax.Array, jax.Array]:
   problem = PackingProblem.distinct(checks.sanitize_weight(weight))
   return jax.vmap(packing.slots_to_index)(packing.pack_slots(problem, num_packs, mode))

@@ -7,6 +7,10 @@
   they run only on concrete input, i.e. in an eager call. Under ``jax.jit``
   the jitted core sanitises the loads instead (:func:`sanitize_weight`): the
   documented, safe behaviour is that such loads count as 0.
+
+Loads are balanced in float32. Placements depend only on the ratios of the
+loads, so loads too large for float32 sums are scaled by a power of two per
+row (exact, and never done to loads whose sums fit).
 """
 
 from __future__ import annotations
@@ -17,7 +21,20 @@ import numpy as np
 
 from eplb_jax._src.topology import check_size
 
-__all__ = ["check_size", "check_weight", "check_weight_values", "is_concrete", "sanitize_weight"]
+__all__ = [
+  "check_ids",
+  "check_size",
+  "check_weight",
+  "check_weight_values",
+  "is_concrete",
+  "narrow_ids",
+  "sanitize_weight",
+]
+
+# Loads of a row are scaled down until the row's sum stays below 2**126, so
+# that sums, and the tolerance factor (at most 2) the migration applies to
+# them, stay finite in float32.
+_SUM_EXPONENT = 126
 
 
 def is_concrete(x: object) -> bool:
@@ -28,9 +45,11 @@ def is_concrete(x: object) -> bool:
 def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Array | np.ndarray:
   """Static check of a ``[rows, items]`` load matrix; returns it as float32.
 
-  Raises ``ValueError`` naming ``name`` if it is not 2-D or not of a real
-  numeric dtype. A jax array (or tracer) comes back as a float32 jax array;
-  host input as a float32 NumPy array, which the jitted core takes directly.
+  Raises ``ValueError`` naming ``name`` if it is not 2-D, has no items, or
+  is not of a real numeric dtype. A jax array (or tracer) comes back as a
+  float32 jax array; host input as a float32 NumPy array, which the jitted
+  core takes directly. Rows of wider floats beyond float32's range are first
+  scaled by a power of two (:func:`_fit_float32`).
   """
   if not hasattr(weight, "dtype"):
     try:
@@ -44,9 +63,28 @@ def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Arra
     raise ValueError(f"{name} must have an integer or float dtype, got {dtype}")
   if np.ndim(weight) != 2:
     raise ValueError(f"{name} must be 2-D [layers, experts], got shape {np.shape(weight)}")
+  if not np.shape(weight)[1]:
+    raise ValueError(f"{name} must have at least one expert, got shape {np.shape(weight)}")
+  weight = _fit_float32(weight)
   if isinstance(weight, jax.Array):
     return weight.astype(jnp.float32)
   return np.asarray(weight, np.float32)
+
+
+def _fit_float32(weight: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+  """Scales the rows of float64 ``weight`` whose largest load is beyond float32's range.
+
+  Each such row is multiplied by a power of two that brings its largest
+  magnitude below ``2**127``; other rows, and narrower dtypes, are returned
+  unchanged. NaN and infinite loads stay what they are.
+  """
+  if not jnp.issubdtype(weight.dtype, np.floating) or np.finfo(weight.dtype).maxexp <= 128:
+    return weight
+  xp = jnp if isinstance(weight, jax.Array) else np
+  magnitude = xp.abs(weight)
+  peak = xp.max(xp.where(xp.isfinite(magnitude), magnitude, 0), axis=1, keepdims=True)
+  shift = xp.maximum(xp.frexp(peak)[1] - 127, 0)  # peak < 2**exponent
+  return xp.where(shift > 0, xp.ldexp(weight, -shift), weight)
 
 
 def check_weight_values(weight: jax.Array | np.ndarray, name: str = "weight") -> None:
@@ -58,12 +96,57 @@ def check_weight_values(weight: jax.Array | np.ndarray, name: str = "weight") ->
   if not is_concrete(weight):
     return
   xp = jnp if isinstance(weight, jax.Array) else np
-  if not bool(xp.all(xp.isfinite(weight))):
+  with jax.ensure_compile_time_eval():  # concrete loads inside a trace, e.g. a jit's constant
+    finite, negative = bool(xp.all(xp.isfinite(weight))), bool(xp.any(weight < 0))
+  if not finite:
     raise ValueError(f"{name} must be finite, found NaN or inf loads")
-  if bool(xp.any(weight < 0)):
+  if negative:
     raise ValueError(f"{name} must be non-negative, found negative loads")
 
 
 def sanitize_weight(weight: jax.Array) -> jax.Array:
-  """Maps negative, NaN and infinite loads to 0 (the documented jit behaviour)."""
-  return jnp.where(jnp.isfinite(weight) & (weight > 0), weight, 0.0)
+  """Maps negative, NaN and infinite loads of float32 ``weight [X, n]`` to 0, and fits the sums.
+
+  Setting bad loads to 0 is the documented jit behaviour. A row whose sum
+  could overflow float32 (``n * max >= 2**126``) is multiplied by the power
+  of two that brings it below; the product is exact (short of subnormal
+  results), so the row's placement is that of its loads. Other rows come
+  back bit for bit.
+  """
+  weight = jnp.where(jnp.isfinite(weight) & (weight > 0), weight, 0.0)
+  # max < 2**(biased exponent - 126) and n <= 2**bits: the sum is below 2**126
+  # once scaled by 2**-shift.
+  biased = jax.lax.bitcast_convert_type(weight.max(axis=-1, keepdims=True), jnp.int32) >> 23
+  bits = max(weight.shape[-1] - 1, 0).bit_length()
+  shift = jnp.clip(biased - 126 + bits - _SUM_EXPONENT, 0, 126)
+  return weight * jax.lax.bitcast_convert_type((127 - shift) << 23, jnp.float32)
+
+
+def check_ids(ids: jax.typing.ArrayLike, name: str) -> jax.Array | np.ndarray:
+  """Static check of an array of ids (experts or slots): an integer array, or a list of ints.
+
+  Returns a NumPy array for host input (so that 64-bit ids are compared
+  before anything narrows them, see :func:`narrow_ids`), the jax array
+  otherwise. Raises ``ValueError`` naming ``name`` for any other dtype.
+  """
+  if not hasattr(ids, "dtype"):
+    try:
+      ids = np.asarray(ids)
+    except ValueError as error:  # ragged nested lists
+      raise ValueError(f"{name} must be an integer array: {error}") from None
+    if ids.size == 0:
+      ids = ids.astype(np.int32)
+  if ids.dtype == np.bool_ or not jnp.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
+  return ids
+
+
+def narrow_ids(ids: jax.Array | np.ndarray, limit: int, fill: int) -> jax.Array:
+  """int32 ``ids``, with every id outside ``[0, limit)`` replaced by ``fill``.
+
+  The range test runs in the ids' own dtype, so a 64-bit id such as
+  ``2**32 + 1`` is out of range rather than wrapped onto a valid id.
+  """
+  xp = np if isinstance(ids, np.ndarray) else jnp
+  valid = (ids >= 0) & (ids < limit)
+  return jnp.asarray(xp.where(valid, ids, fill).astype(xp.int32))

@@ -86,7 +86,7 @@ def _picks_bisection(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, 
   def halve(_, bounds):
     lo, hi = bounds
     mid = lo + (hi - lo) // 2
-    enough = count_at_least(mid).sum() >= num_redundant
+    enough = count_at_least(mid).sum(dtype=jnp.int32) >= num_redundant
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
   top = jax.lax.bitcast_convert_type(weight.max(), jnp.int32) + 1
@@ -94,14 +94,16 @@ def _picks_bisection(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, 
   above = count_at_least(threshold + 1)  # candidates strictly above the R-th
   tied = count_at_least(threshold) - above
   # Candidates equal to the R-th go to the lower experts first.
-  missing = num_redundant - above.sum()
-  taken = jnp.clip(missing - (jnp.cumsum(tied) - tied), 0, tied)
+  missing = num_redundant - above.sum(dtype=jnp.int32)
+  taken = jnp.clip(missing - (jnp.cumsum(tied, dtype=jnp.int32) - tied), 0, tied)
   extra = above + taken  # [E], sums to R
 
   # List the picks expert by expert, then order them by value (stable).
-  expert = jnp.repeat(jnp.arange(num_log), extra, total_repeat_length=num_redundant)
-  first = jnp.cumsum(extra) - extra
-  c = jnp.arange(num_redundant) - first[expert] + 1
+  expert = jnp.repeat(
+    jnp.arange(num_log, dtype=jnp.int32), extra, total_repeat_length=num_redundant
+  )
+  first = jnp.cumsum(extra, dtype=jnp.int32) - extra
+  c = jnp.arange(num_redundant, dtype=jnp.int32) - first[expert] + 1
   order = ops.argsort_descending(weight[expert] / c.astype(jnp.float32))
   return expert[order], c[order]
 
@@ -134,7 +136,6 @@ def replicate_rows(weight: jax.Array, num_replicas: int) -> tuple[jax.Array, jax
   if num_redundant == 0:
     return identity, jnp.zeros_like(identity), jnp.ones_like(identity)
   expert, rank = jax.vmap(functools.partial(_picks, num_redundant=num_redundant))(weight)
-  expert, rank = expert.astype(jnp.int32), rank.astype(jnp.int32)
   phy2log = jnp.concatenate([identity, expert], axis=1)
   phyrank = jnp.concatenate([jnp.zeros_like(identity), rank], axis=1)
   logcnt = jnp.ones_like(identity).at[jnp.arange(rows)[:, None], expert].add(1)

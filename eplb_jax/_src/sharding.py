@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -37,7 +38,7 @@ def check_mesh_axis(
       not divisible by the product of those axis sizes (nothing is padded:
       pad the loads with zero rows and slice the maps back).
   """
-  if not isinstance(mesh, Mesh):
+  if not isinstance(mesh, Mesh | AbstractMesh):
     raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
   names = (axis,) if isinstance(axis, str) else axis
   if not isinstance(names, tuple) or not names or len(set(names)) != len(names):
@@ -53,6 +54,46 @@ def check_mesh_axis(
       f"the number of {what} ({length}) must be divisible by the size of {name} {axis!r} ({size})"
     )
   return axis
+
+
+def explicit_sharding(x: object) -> NamedSharding | None:
+  """The sharding of ``x``'s type when it splits ``x`` over Explicit mesh axes, else None.
+
+  Explicit axes make the sharding part of the array type (the default of
+  :func:`jax.make_mesh`), so code written for unsharded arrays cannot take
+  such an array as it is. Auto axes, NumPy arrays and single-device arrays
+  give None: the compiler lays those out.
+  """
+  if not isinstance(x, jax.Array):
+    return None
+  sharding = jax.typeof(x).sharding
+  if not isinstance(sharding, NamedSharding) or not (
+    set(sharding.mesh.explicit_axes) & _names(sharding.spec)
+  ):
+    return None
+  return sharding
+
+
+def rows_split(x: jax.Array) -> tuple[AbstractMesh, AxisName] | None:
+  """The mesh and axis name(s) splitting the rows of ``x`` over Explicit axes, if any.
+
+  None when ``x`` has no Explicit axes, or they do not split its first
+  dimension alone (see :func:`replicate`).
+  """
+  sharding = explicit_sharding(x)
+  if sharding is None or not sharding.spec or sharding.spec[0] is None:
+    return None
+  if _names(P(*sharding.spec[1:])):
+    return None
+  return sharding.mesh, sharding.spec[0]
+
+
+def replicate(x: jax.typing.ArrayLike) -> jax.typing.ArrayLike:
+  """``x``, replicated on every device if its type splits it over Explicit axes."""
+  sharding = explicit_sharding(x)
+  if sharding is None:
+    return x
+  return jax.reshard(x, NamedSharding(sharding.mesh, P()))
 
 
 def lay_out(x: jax.Array, sharding: NamedSharding) -> jax.Array:

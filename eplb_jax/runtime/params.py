@@ -23,24 +23,33 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from eplb_jax._src import checks
 from eplb_jax._src import sharding
 
 PyTree = object
 
 
 def apply_placement(
-  params: PyTree, phy2log: jax.Array, *, mesh: Mesh | None = None, expert_axis: str = "expert"
+  params: PyTree,
+  phy2log: jax.typing.ArrayLike,
+  *,
+  mesh: Mesh | None = None,
+  expert_axis: str = "expert",
 ) -> PyTree:
   """Per-slot copies of stacked expert parameters: ``leaf[phy2log]`` for every leaf.
 
   Args:
     params: pytree of ``[E, ...]`` leaves with ``phy2log [P]``, or of
-      ``[L, E, ...]`` leaves with ``phy2log [L, P]``.
-    phy2log: int logical expert of each slot, ``[P]`` or ``[L, P]``.
+      ``[L, E, ...]`` leaves with ``phy2log [L, P]``; every leaf has the
+      same ``E``.
+    phy2log: int logical expert of each slot, ``[P]`` or ``[L, P]``. An id
+      outside ``[0, E)`` raises ``ValueError`` when called eagerly; under
+      ``jax.jit`` its slot gets zeros.
     mesh: optional device mesh; with it every output leaf is laid out with
       its slot axis sharded over ``expert_axis``.
     expert_axis: the mesh axis name that splits slots (``P`` must be
@@ -50,15 +59,62 @@ def apply_placement(
   Returns:
     The pytree with ``[P, ...]`` (or ``[L, P, ...]``) leaves: slot ``s`` holds
     the parameters of expert ``phy2log[s]``.
+
+  Raises:
+    ValueError: ``phy2log`` is not an integer ``[P]`` or ``[L, P]`` array,
+      the leaves do not have ``phy2log``'s layers and one common ``E``, or
+      (eagerly) ``phy2log`` holds an id outside ``[0, E)``.
   """
-  if phy2log.ndim not in (1, 2):
-    raise ValueError(f"phy2log must be [P] or [L, P], got shape {phy2log.shape}")
-  layered = phy2log.ndim == 2
-  index = (jnp.arange(phy2log.shape[0])[:, None], phy2log) if layered else (phy2log,)
+  phy2log = _check_map(phy2log, "phy2log")
+  leaves = _check_leaves(params, phy2log)
+  num_experts = leaves[0].shape[phy2log.ndim - 1] if leaves else 0
+  _check_range(phy2log, "phy2log", num_experts, "experts along the expert axis of params")
+  return _gather(params, checks.narrow_ids(phy2log, num_experts, num_experts), mesh, expert_axis)
+
+
+def _check_map(ids: jax.typing.ArrayLike, name: str) -> jax.Array | np.ndarray:
+  ids = checks.check_ids(ids, name)
+  if ids.ndim not in (1, 2):
+    raise ValueError(f"{name} must be [P] or [L, P], got shape {ids.shape}")
+  return ids
+
+
+def _check_leaves(params: PyTree, phy2log: jax.Array | np.ndarray) -> list[jax.Array]:
+  """The leaves of ``params`` as arrays: ``[E, ...]``, or ``[L, E, ...]`` for a map ``[L, P]``."""
+  leaves = [jnp.asarray(leaf) for leaf in jax.tree.leaves(params)]
+  layers = phy2log.shape[:-1]
+  for leaf in leaves:
+    if leaf.ndim < phy2log.ndim or leaf.shape[: len(layers)] != layers:
+      layout = "[L, E, ...]" if layers else "[E, ...]"
+      raise ValueError(
+        f"params leaves must be {layout} for phy2log of shape {phy2log.shape}, "
+        f"got a leaf of shape {leaf.shape}"
+      )
+  experts = {leaf.shape[len(layers)] for leaf in leaves}
+  if len(experts) > 1:
+    raise ValueError(f"params leaves must share one number of experts, got {sorted(experts)}")
+  return leaves
+
+
+def _check_range(ids: jax.Array | np.ndarray, name: str, limit: int, what: str) -> None:
+  """Eager value check: every id of ``ids`` in ``[0, limit)``."""
+  if checks.is_concrete(ids) and ids.size:
+    with jax.ensure_compile_time_eval():  # concrete inside a trace too
+      low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= limit:
+      raise ValueError(f"{name} must hold ids in [0, {limit}), the {what}; found [{low}, {high}]")
+
+
+def _gather(params: PyTree, ids: jax.Array, mesh: Mesh | None, expert_axis: str) -> PyTree:
+  """``leaf[ids]`` along each leaf's expert axis; an out-of-bounds id gives zeros."""
+  layered = ids.ndim == 2
+  index = (jnp.arange(ids.shape[0])[:, None], ids) if layered else (ids,)
   if mesh is None:
-    return jax.tree.map(lambda leaf: jnp.asarray(leaf)[index], params)
-  sharding.check_mesh_axis(mesh, expert_axis, phy2log.shape[-1], name="expert_axis", what="slots")
-  slot_dim = phy2log.ndim - 1
+    return jax.tree.map(
+      lambda leaf: jnp.asarray(leaf).at[index].get(mode="fill", fill_value=0), params
+    )
+  sharding.check_mesh_axis(mesh, expert_axis, ids.shape[-1], name="expert_axis", what="slots")
+  slot_dim = ids.ndim - 1
 
   def gather(leaf: jax.typing.ArrayLike) -> jax.Array:
     leaf = jnp.asarray(leaf)
@@ -67,18 +123,20 @@ def apply_placement(
       spec = list(jax.typeof(leaf).sharding.spec)
       spec += [None] * (leaf.ndim - len(spec))
       spec[slot_dim] = expert_axis
-      return leaf.at[index].get(out_sharding=NamedSharding(mesh, P(*spec)))
+      out_sharding = NamedSharding(mesh, P(*spec))
+      return leaf.at[index].get(mode="fill", fill_value=0, out_sharding=out_sharding)
     spec = [P.UNCONSTRAINED] * leaf.ndim
     spec[slot_dim] = expert_axis
-    return jax.lax.with_sharding_constraint(leaf[index], NamedSharding(mesh, P(*spec)))
+    gathered = leaf.at[index].get(mode="fill", fill_value=0)
+    return jax.lax.with_sharding_constraint(gathered, NamedSharding(mesh, P(*spec)))
 
   return jax.tree.map(gather, params)
 
 
 def relayout(
   params: PyTree,
-  log2phy: jax.Array,
-  new_phy2log: jax.Array,
+  log2phy: jax.typing.ArrayLike,
+  new_phy2log: jax.typing.ArrayLike,
   *,
   mesh: Mesh | None = None,
   expert_axis: str = "expert",
@@ -90,17 +148,33 @@ def relayout(
       out by the old placement; replicas of an expert must be identical.
     log2phy: the old placement's ``[E, R]`` (or ``[L, E, R]``) slots of each
       expert; every expert has at least one.
-    new_phy2log: the new placement's ``[P']`` (or ``[L, P']``) expert of each slot.
+    new_phy2log: the new placement's ``[P']`` (or ``[L, P']``) expert of each
+      slot. An id outside ``[0, E)`` raises ``ValueError`` when called
+      eagerly; under ``jax.jit`` its slot gets zeros.
     mesh: as in :func:`apply_placement`.
     expert_axis: as in :func:`apply_placement`.
 
   Returns:
     The pytree laid out by the new placement: new slot ``s`` copies old slot
     ``log2phy[new_phy2log[s], 0]`` (the expert's first old replica).
+
+  Raises:
+    ValueError: as :func:`apply_placement`, for ``log2phy`` and ``new_phy2log``.
   """
-  first = log2phy[..., 0]
-  if new_phy2log.ndim == 2:
-    source = jnp.take_along_axis(first, new_phy2log, axis=-1)
-  else:
-    source = first[new_phy2log]
-  return apply_placement(params, source, mesh=mesh, expert_axis=expert_axis)
+  new_phy2log = _check_map(new_phy2log, "new_phy2log")
+  log2phy = jnp.asarray(checks.check_ids(log2phy, "log2phy"))
+  if log2phy.ndim != new_phy2log.ndim + 1 or log2phy.shape[:-2] != new_phy2log.shape[:-1]:
+    layout = "[L, E, R]" if new_phy2log.ndim == 2 else "[E, R]"
+    raise ValueError(
+      f"log2phy must be {layout} for new_phy2log of shape {new_phy2log.shape}, "
+      f"got shape {log2phy.shape}"
+    )
+  leaves = _check_leaves(params, new_phy2log)
+  num_slots = leaves[0].shape[new_phy2log.ndim - 1] if leaves else 0
+  num_experts = log2phy.shape[-2]
+  _check_range(new_phy2log, "new_phy2log", num_experts, "experts of log2phy")
+  # Index num_experts, padded with slot -1, stands for an id out of range.
+  first = jnp.pad(log2phy[..., 0], [(0, 0)] * (log2phy.ndim - 2) + [(0, 1)], constant_values=-1)
+  source = jnp.take_along_axis(first, checks.narrow_ids(new_phy2log, num_experts, num_experts), -1)
+  _check_range(source, "log2phy", num_slots, "slots of params (first replicas)")
+  return _gather(params, checks.narrow_ids(source, num_slots, num_slots), mesh, expert_axis)

@@ -13,10 +13,12 @@ traced, and states keep their shapes and dtypes across updates.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eplb_jax._src import checks
 
@@ -31,9 +33,10 @@ def expert_counts(
   """Counts how many (token, choice) pairs the router sent to each expert.
 
   Args:
-    expert_ids: ``[..., tokens, k]`` integer top-k expert ids, e.g.
-      ``[tokens, k]`` for one layer or ``[layers, tokens, k]``. Ids outside
-      ``[0, num_experts)`` (e.g. -1 for dropped choices) are not counted.
+    expert_ids: ``[..., tokens, k]`` integer top-k expert ids (an array or
+      nested lists), e.g. ``[tokens, k]`` for one layer or ``[layers,
+      tokens, k]``. Ids outside ``[0, num_experts)`` (e.g. -1 for dropped
+      choices) are not counted, 64-bit ones included.
     num_experts: ``E``, the number of logical experts (static).
     mask: optional ``[..., tokens]`` per-token weight, broadcastable to
       ``expert_ids.shape[:-1]``: boolean (``False`` for padding tokens) or
@@ -42,21 +45,35 @@ def expert_counts(
 
   Returns:
     ``[..., E]`` counts: ``[E]`` for one layer, ``[layers, E]`` with a
-    leading layer axis.
+    leading layer axis; zeros when there are no tokens.
+
+  Raises:
+    ValueError: ``expert_ids`` is not an integer array of rank >= 2, or
+      ``mask`` does not broadcast to its tokens.
   """
   num_experts = checks.check_size(num_experts, "num_experts")
+  expert_ids = checks.check_ids(expert_ids, "expert_ids")
   if expert_ids.ndim < 2:
     raise ValueError(f"expert_ids must be [..., tokens, k], got shape {expert_ids.shape}")
   batch = expert_ids.shape[:-2]
-  ids = expert_ids.reshape(-1, expert_ids.shape[-2] * expert_ids.shape[-1])
+  # Out-of-range ids go out of bounds of the scatter below, which drops them.
+  ids = checks.narrow_ids(expert_ids, num_experts, num_experts)
+  ids = ids.reshape(math.prod(batch), expert_ids.shape[-2] * expert_ids.shape[-1])
   if mask is None:
     amount = jnp.ones(ids.shape, dtype)
   else:
-    per_token = jnp.broadcast_to(mask, expert_ids.shape[:-1]).astype(dtype)
+    tokens = expert_ids.shape[:-1]
+    try:
+      fits = np.broadcast_shapes(np.shape(mask), tokens) == tokens
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(
+        f"mask must broadcast to the tokens of expert_ids {tokens}, got shape {np.shape(mask)}"
+      )
+    per_token = jnp.broadcast_to(jnp.asarray(mask), tokens).astype(dtype)
     amount = jnp.broadcast_to(per_token[..., None], expert_ids.shape).reshape(ids.shape)
   rows = jnp.arange(ids.shape[0], dtype=jnp.int32)[:, None]
-  # Negative ids would wrap around in a scatter: send them out of bounds too.
-  ids = jnp.where(ids < 0, num_experts, ids)
   counts = jnp.zeros((ids.shape[0], num_experts), dtype).at[rows, ids].add(amount, mode="drop")
   return counts.reshape(*batch, num_experts)
 
@@ -80,8 +97,19 @@ def window_init(window: int, shape: tuple[int, ...], dtype: jnp.dtype = jnp.int3
   return WindowState(jnp.zeros((window, *shape), dtype), jnp.zeros((), jnp.int32))
 
 
-def window_update(state: WindowState, counts: jax.Array) -> WindowState:
-  """Records one step's ``counts`` (shape ``state.counts.shape[1:]``), overwriting the oldest."""
+def _check_counts(counts: jax.typing.ArrayLike, shape: tuple[int, ...]) -> jax.Array:
+  """``counts`` as a jax array, or ``ValueError`` if its shape is not ``shape``."""
+  if np.shape(counts) != shape:
+    raise ValueError(f"counts must have the state's shape {shape}, got {np.shape(counts)}")
+  return jnp.asarray(counts)
+
+
+def window_update(state: WindowState, counts: jax.typing.ArrayLike) -> WindowState:
+  """Records one step's ``counts`` (shape ``state.counts.shape[1:]``), overwriting the oldest.
+
+  Raises ``ValueError`` if ``counts`` has another shape.
+  """
+  counts = _check_counts(counts, state.counts.shape[1:])
   index = state.step % state.counts.shape[0]
   buffer = jax.lax.dynamic_update_index_in_dim(
     state.counts, counts.astype(state.counts.dtype), index, axis=0
@@ -91,7 +119,7 @@ def window_update(state: WindowState, counts: jax.Array) -> WindowState:
 
 def window_load(state: WindowState) -> jax.Array:
   """Total counts over the last ``min(step, W)`` recorded steps, e.g. ``[layers, E]``."""
-  return state.counts.sum(axis=0)
+  return state.counts.sum(axis=0, dtype=state.counts.dtype)
 
 
 class EmaState(NamedTuple):
@@ -118,8 +146,12 @@ def ema_init(shape: tuple[int, ...], decay: float) -> EmaState:
   )
 
 
-def ema_update(state: EmaState, counts: jax.Array) -> EmaState:
-  """Folds one step's ``counts`` in: ``average <- decay * average + (1 - decay) * counts``."""
+def ema_update(state: EmaState, counts: jax.typing.ArrayLike) -> EmaState:
+  """Folds one step's ``counts`` in: ``average <- decay * average + (1 - decay) * counts``.
+
+  Raises ``ValueError`` if ``counts`` does not have the shape of ``state.average``.
+  """
+  counts = _check_counts(counts, state.average.shape)
   average = state.decay * state.average + (1.0 - state.decay) * counts.astype(jnp.float32)
   return EmaState(average, state.step + 1, state.decay)
 
