@@ -159,7 +159,7 @@ def _npy_is_pickled(path: Path) -> bool:
         _, _, dtype = np.lib.format.read_array_header_1_0(file)
       else:
         _, _, dtype = np.lib.format.read_array_header_2_0(file)
-  except (OSError, ValueError, SyntaxError) as error:
+  except Exception as error:  # short reads, bad magic, unparsable headers: several types
     raise ValueError(f"{path}: not a NumPy .npy file ({error})") from None
   return dtype.hasobject
 

@@ -274,6 +274,10 @@ def test_corrupt_npy(tmp_path):
   with pytest.raises(ValueError, match=r"corrupt\.npy: not a NumPy \.npy file") as excinfo:
     sglang.read_sglang_jax_dump(path, allow_pickle=True)
   _assert_converted(excinfo)
+  empty = tmp_path / "empty.npy"
+  empty.write_bytes(b"")
+  with pytest.raises(ValueError, match=r"empty\.npy: not a NumPy \.npy file"):
+    sglang.read_physical_to_logical_map(empty)
   # A valid header followed by too little data.
   good = tmp_path / "good.npy"
   np.save(good, np.zeros((L, P), np.int64))
