@@ -17,7 +17,14 @@ import numpy as np
 
 from eplb_jax._src.topology import check_size
 
-__all__ = ["check_size", "check_weight", "check_weight_values", "is_concrete", "sanitize_weight"]
+__all__ = [
+  "check_size",
+  "check_weight",
+  "check_weight_values",
+  "is_concrete",
+  "sanitize_weight",
+  "sum_window",
+]
 
 
 def is_concrete(x: object) -> bool:
@@ -25,10 +32,13 @@ def is_concrete(x: object) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Array | np.ndarray:
+def check_weight(
+  weight: jax.typing.ArrayLike, name: str = "weight", *, window: bool = False
+) -> jax.Array | np.ndarray:
   """Static check of a ``[rows, items]`` load matrix; returns it as float32.
 
-  Raises ``ValueError`` naming ``name`` if it is not 2-D or not of a real
+  Raises ``ValueError`` naming ``name`` if it is not 2-D (with ``window``:
+  2-D or a window of them, 3-D ``[steps, rows, items]``) or not of a real
   numeric dtype. A jax array (or tracer) comes back as a float32 jax array;
   host input as a float32 NumPy array, which the jitted core takes directly.
   """
@@ -42,7 +52,12 @@ def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Arra
     jnp.issubdtype(dtype, np.integer) or jnp.issubdtype(dtype, np.floating)
   ):
     raise ValueError(f"{name} must have an integer or float dtype, got {dtype}")
-  if np.ndim(weight) != 2:
+  if window and np.ndim(weight) not in (2, 3):
+    raise ValueError(
+      f"{name} must be 2-D [layers, experts] or 3-D [steps, layers, experts], "
+      f"got shape {np.shape(weight)}"
+    )
+  if not window and np.ndim(weight) != 2:
     raise ValueError(f"{name} must be 2-D [layers, experts], got shape {np.shape(weight)}")
   if isinstance(weight, jax.Array):
     return weight.astype(jnp.float32)
@@ -67,3 +82,12 @@ def check_weight_values(weight: jax.Array | np.ndarray, name: str = "weight") ->
 def sanitize_weight(weight: jax.Array) -> jax.Array:
   """Maps negative, NaN and infinite loads to 0 (the documented jit behaviour)."""
   return jnp.where(jnp.isfinite(weight) & (weight > 0), weight, 0.0)
+
+
+def sum_window(weight: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+  """Loads ``[L, E]`` of a checked window ``[N, L, E]``: the sum over its steps.
+
+  Entries are sanitised before the sum, so under ``jax.jit`` a bad entry of one
+  step counts as 0 without spoiling the other steps. ``[L, E]`` is returned as is.
+  """
+  return weight if weight.ndim == 2 else sanitize_weight(weight).sum(axis=0)

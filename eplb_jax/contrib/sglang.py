@@ -3,13 +3,16 @@
 Checked against SGLang 0.5.23 (``python/sglang/srt/eplb/``) and sglang-jax
 (``python/sgl_jax/srt/eplb/``, ``python/sgl_jax/srt/layers/routed_experts_capturer.py``).
 
-Loads (each reader returns NumPy ``[L, E]``: int64 for counts, float64 otherwise):
+Loads (each reader returns the counts as the file holds them, ``[L, E]`` or a
+window ``[N, L, E]`` of ``N`` forward passes, as NumPy int64 for counts and
+float64 otherwise; :func:`eplb_jax.rebalance_experts` sums a window over
+``N``, as SGLang's ``deepseek`` algorithms do):
 
 * :func:`read_recorder_dump`: SGLang's expert-distribution recorder dump in
   ``stat`` / ``stat_approx`` mode, a ``torch.save`` of ``{"rank": int,
   "logical_count": int32 [N, L, E], "average_utilization_rate_over_window":
-  float | None}`` (``N`` recorded forward passes), summed over ``N``. SGLang
-  also takes this file as ``--init-expert-location``.
+  float | None}`` (``N`` recorded forward passes). SGLang also takes this
+  file as ``--init-expert-location``.
 * :func:`read_logical_count_json`: an ``--init-expert-location`` JSON file or
   inline JSON text ``{"logical_count": [L, E] or [N, L, E]}``.
 * :func:`read_sglang_jax_dump`: sglang-jax's recorder dump, ``np.save`` of
@@ -45,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from eplb_jax._src import files
 
 PathLike = str | os.PathLike
 LOGICAL_COUNT = "logical_count"
@@ -86,8 +91,9 @@ def _numeric_array(value: Any, where: str, key: str) -> np.ndarray:
   return array
 
 
-def _loads_from_count(value: Any, where: str, key: str = LOGICAL_COUNT) -> np.ndarray:
-  """Validates ``logical_count`` ([L, E] or [N, L, E]) and returns loads [L, E], summed over N."""
+def logical_count(value: Any, where: str, key: str = LOGICAL_COUNT) -> np.ndarray:
+  """Validates a ``logical_count``, ``[L, E]`` or ``[N, L, E]``: int64 for integer counts,
+  float64 otherwise. ``ValueError`` messages start with ``where``."""
   count = _numeric_array(value, where, key)
   if count.ndim not in (2, 3):
     raise ValueError(
@@ -100,9 +106,7 @@ def _loads_from_count(value: Any, where: str, key: str = LOGICAL_COUNT) -> np.nd
     raise ValueError(f"{where}: {key} must be finite, found NaN or inf")
   if np.any(count < 0):
     raise ValueError(f"{where}: {key} must be non-negative, found {count.min()}")
-  dtype = np.int64 if np.issubdtype(count.dtype, np.integer) else np.float64
-  count = count.astype(dtype)
-  return count.sum(axis=0) if count.ndim == 3 else count
+  return count.astype(np.int64 if np.issubdtype(count.dtype, np.integer) else np.float64)
 
 
 def _check_experts(loads: np.ndarray, where: str, num_logical_experts: int | None) -> np.ndarray:
@@ -150,7 +154,7 @@ def _json_load(source: PathLike) -> tuple[Any, str]:
     raise ValueError(f"{where}: not valid JSON ({error})") from None
 
 
-def _npy_is_pickled(path: Path) -> bool:
+def npy_is_pickled(path: Path) -> bool:
   """Whether a ``.npy`` file holds an object (pickled) array, read from its header alone."""
   try:
     with path.open("rb") as file:
@@ -168,10 +172,10 @@ def _npy_load(path: Path, allow_pickle: bool, what: str) -> Any:
   """A ``.npy`` file's array, or the object a pickled 0-d array holds."""
   if not path.is_file():
     raise ValueError(f"{path}: no such file")
-  if _npy_is_pickled(path) and not allow_pickle:
+  if npy_is_pickled(path) and not allow_pickle:
     raise ValueError(
       f"{path}: holds a pickled object ({what}); loading it runs code from the file, "
-      "so pass allow_pickle=True if you trust it"
+      "so pass allow_pickle=True (eplb-jax plan: --allow-pickle) if you trust it"
     )
   try:
     array = np.load(path, allow_pickle=allow_pickle)
@@ -188,7 +192,7 @@ def _npy_load(path: Path, allow_pickle: bool, what: str) -> Any:
 
 
 def read_recorder_dump(path: PathLike, *, num_logical_experts: int | None = None) -> np.ndarray:
-  """Loads of an SGLang expert-distribution recorder dump (``stat`` mode), summed over passes.
+  """Counts of an SGLang expert-distribution recorder dump (``stat`` mode), one row per pass.
 
   SGLang writes it on ``/dump_expert_distribution_record`` as
   ``$SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR/expert_distribution_recorder_<time>.pt``
@@ -201,8 +205,8 @@ def read_recorder_dump(path: PathLike, *, num_logical_experts: int | None = None
     num_logical_experts: optional ``E`` to check the file against.
 
   Returns:
-    ``[L, E]`` int64 (float64 for float counts): ``logical_count`` summed
-    over its first axis when it is 3-D.
+    ``logical_count``, ``[N, L, E]`` (or ``[L, E]``), int64 (float64 for
+    float counts).
 
   Raises:
     ValueError: unreadable file, no ``logical_count``, wrong shape, negative
@@ -220,7 +224,7 @@ def read_recorder_dump(path: PathLike, *, num_logical_experts: int | None = None
         f"record with --expert-distribution-recorder-mode stat for {LOGICAL_COUNT!r}"
       )
     raise ValueError(f"{path}: no {LOGICAL_COUNT!r} key (keys {sorted(map(str, data))})")
-  loads = _loads_from_count(data[LOGICAL_COUNT], str(path))
+  loads = logical_count(data[LOGICAL_COUNT], str(path))
   return _check_experts(loads, str(path), num_logical_experts)
 
 
@@ -235,7 +239,7 @@ def read_logical_count_json(
     num_logical_experts: optional ``E`` to check against.
 
   Returns:
-    ``[L, E]`` int64 for integer counts, float64 otherwise (summed over ``N``).
+    ``[L, E]`` or ``[N, L, E]``, int64 for integer counts, float64 otherwise.
 
   Raises:
     ValueError: unreadable or invalid JSON, no ``logical_count`` (a
@@ -252,7 +256,7 @@ def read_logical_count_json(
       else ""
     )
     raise ValueError(f"{where}: no {LOGICAL_COUNT!r} key (keys {sorted(data)}){hint}")
-  loads = _loads_from_count(data[LOGICAL_COUNT], where)
+  loads = logical_count(data[LOGICAL_COUNT], where)
   return _check_experts(loads, where, num_logical_experts)
 
 
@@ -295,14 +299,14 @@ def read_sglang_jax_dump(
   count = _numeric_array(data[LOGICAL_COUNT], str(path), LOGICAL_COUNT)
   if count.ndim == 1:  # sglang-jax's init_by_eplb reads a 1-D count as one layer
     count = count[None, :]
-  loads = _loads_from_count(count, str(path))
+  loads = logical_count(count, str(path))
   return _check_experts(loads, str(path), num_logical_experts)
 
 
 def read_loads(
   source: PathLike, *, allow_pickle: bool = False, num_logical_experts: int | None = None
 ) -> np.ndarray:
-  """Loads ``[L, E]`` from any engine file, chosen by suffix.
+  """Loads ``[L, E]`` or ``[N, L, E]`` from any engine file, chosen by suffix.
 
   ``.pt``: :func:`read_recorder_dump`; ``.npy``: :func:`read_sglang_jax_dump`;
   ``.json`` or inline JSON text: :func:`read_logical_count_json`.
@@ -363,7 +367,8 @@ def write_physical_to_logical_map(path: PathLike, phy2log: Any) -> Path:
     phy2log: ``[L, P]`` expert of each physical slot (NumPy, JAX or torch).
 
   Returns:
-    The path written.
+    The path written. The write is atomic: on failure the file at ``path``
+    is left as it was.
 
   Raises:
     ValueError: a map that is not 2-D, not integral or holds negative ids, or
@@ -372,19 +377,20 @@ def write_physical_to_logical_map(path: PathLike, phy2log: Any) -> Path:
   """
   path = Path(path)
   phy2log = _check_phy2log(phy2log, f"{path} (writing)")
-  if path.suffix == ".json":
-    path.write_text(json.dumps({PHYSICAL_TO_LOGICAL_MAP: phy2log.tolist()}))
-  elif path.suffix == ".pt":
+  suffix = path.suffix.lower()
+  if suffix == ".json":
+    text = json.dumps({PHYSICAL_TO_LOGICAL_MAP: phy2log.tolist()}).encode()
+    return files.write_atomic(path, lambda file: file.write(text))
+  if suffix == ".pt":
     try:
       import torch
     except ImportError:
       raise ImportError(f"{path}: writing .pt files needs torch (pip install torch)") from None
-    torch.save({PHYSICAL_TO_LOGICAL_MAP: torch.from_numpy(phy2log)}, path)
-  elif path.suffix == ".npy":
-    np.save(path, phy2log, allow_pickle=False)
-  else:
-    raise ValueError(f"{path}: unknown placement file type {path.suffix!r} (.json, .pt or .npy)")
-  return path
+    data = {PHYSICAL_TO_LOGICAL_MAP: torch.from_numpy(phy2log)}
+    return files.write_atomic(path, lambda file: torch.save(data, file))
+  if suffix == ".npy":
+    return files.write_atomic(path, lambda file: np.save(file, phy2log, allow_pickle=False))
+  raise ValueError(f"{path}: unknown placement file type {path.suffix!r} (.json, .pt or .npy)")
 
 
 def physical_to_logical_map_json(phy2log: Any) -> str:

@@ -23,15 +23,15 @@ a model is added to its EPLB state, in every worker process. In vLLM 0.34.0
 (``use_async``, on by default) is refused for any policy but ``"default"``.
 So the working route is to install eplb_jax in place of the default policy,
 in every vLLM process, through vLLM's general-plugin entry point group
-(loaded in the API server, engine core and every worker)::
+(loaded in the API server, engine core and every worker). eplb-jax declares
+that entry point in its ``pyproject.toml``::
 
-  # pyproject.toml of a small package (or of eplb-jax itself)
   [project.entry-points."vllm.general_plugins"]
   eplb_jax = "eplb_jax.contrib.vllm:plugin"
 
-then run vLLM with ``EPLB_JAX_VLLM=refined`` (or ``greedy``) in the
-environment, together with ``--enable-eplb`` and the usual
-``--eplb-config '{"window_size": ..., "step_interval": ...,
+so installing eplb-jax next to vLLM is enough; then run vLLM with
+``EPLB_JAX_VLLM=refined`` (or ``greedy``) in the environment, together
+with ``--enable-eplb`` and the usual ``--eplb-config '{"window_size": ..., "step_interval": ...,
 "num_redundant_experts": ...}'``. Without ``EPLB_JAX_VLLM`` the plugin only
 adds the policy under the name ``"eplb_jax"`` and changes nothing. In a
 script that builds the engine in-process, ``register(replace_default=True)``
@@ -45,12 +45,12 @@ GPU's memory as soon as it starts; :func:`plugin` therefore selects JAX's CPU
 platform unless ``JAX_PLATFORMS`` is set. Set ``JAX_PLATFORMS=cpu`` yourself
 when you call :func:`register` instead.
 
-torch is imported only when the policy runs; vLLM only in :func:`register`.
+torch is imported only when the policy runs (:func:`place` is the same
+computation on NumPy arrays, without torch); vLLM only in :func:`register`.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 from typing import TYPE_CHECKING
@@ -130,42 +130,46 @@ class EplbJaxPolicy:
     """
     import torch
 
-    loads = _loads_to_numpy(weight)
-    previous = _previous_to_numpy(old_global_expert_indices, loads.shape, num_replicas)
-    mode = _check_mode(cls.mode)
-    if previous is None:
-      placement = eplb_jax.rebalance_experts(
-        loads, num_replicas, num_groups, num_nodes, num_ranks, mode=mode
-      )
-    elif np.any(previous < 0):
-      # eplb_jax treats out-of-range ids as empty slots only when the old map
-      # is traced; called eagerly it rejects them.
-      placement = _rebalance_traced(
-        loads, previous, num_replicas, num_groups, num_nodes, num_ranks, mode
-      )
-    else:
-      placement = eplb_jax.rebalance_experts(
-        loads, num_replicas, num_groups, num_nodes, num_ranks, mode=mode, previous_phy2log=previous
-      )
+    placement = place(
+      weight,
+      num_replicas,
+      num_groups,
+      num_nodes,
+      num_ranks,
+      old_global_expert_indices,
+      mode=cls.mode,
+    )
     phy2log, log2phy, logcnt = (torch.from_numpy(np.asarray(a, np.int64)) for a in placement)
     if cls.return_maps:
       return phy2log, log2phy, logcnt
     return phy2log
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _rebalance_traced(
-  weight: jax.Array,
-  previous: jax.Array,
+def place(
+  weight: Any,
   num_replicas: int,
   num_groups: int,
   num_nodes: int,
-  num_gpus: int,
-  mode: str,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Migration-aware rebalance with the old map traced, so that its -1 entries count as empty."""
+  num_ranks: int,
+  old_global_expert_indices: Any = None,
+  *,
+  mode: str = "refined",
+) -> eplb_jax.Placement:
+  """:meth:`EplbJaxPolicy.rebalance_experts` without torch: arrays in, a :class:`Placement` out.
+
+  Takes NumPy arrays or torch tensors (any device) with the policy's
+  arguments and rules, and returns eplb_jax's int32 maps.
+  """
+  loads = _loads_to_numpy(weight)
+  previous = _previous_to_numpy(old_global_expert_indices, loads.shape, num_replicas)
   return eplb_jax.rebalance_experts(
-    weight, num_replicas, num_groups, num_nodes, num_gpus, mode=mode, previous_phy2log=previous
+    loads,
+    num_replicas,
+    num_groups,
+    num_nodes,
+    num_ranks,
+    mode=_check_mode(mode),
+    previous_phy2log=previous,
   )
 
 
