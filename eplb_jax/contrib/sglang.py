@@ -110,9 +110,9 @@ def logical_count(value: Any, where: str, key: str = LOGICAL_COUNT) -> np.ndarra
 
 
 def _check_experts(loads: np.ndarray, where: str, num_logical_experts: int | None) -> np.ndarray:
-  if num_logical_experts is not None and loads.shape[1] != num_logical_experts:
+  if num_logical_experts is not None and loads.shape[-1] != num_logical_experts:
     raise ValueError(
-      f"{where}: expected {num_logical_experts} logical experts, got {loads.shape[1]} "
+      f"{where}: expected {num_logical_experts} logical experts, got {loads.shape[-1]} "
       "(a count per physical slot, not per logical expert?)"
     )
   return loads
