@@ -243,28 +243,34 @@ def test_plan_output_path_is_written_as_printed(tmp_path, capsys, suffix):
   assert maps["phy2log"].shape == (2, 16)
 
 
-@pytest.fixture
-def file_size_limit():
-  """Makes writes beyond 64 bytes of any file fail with EFBIG, as a full disk would."""
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+  """Makes writes beyond ``limit`` bytes of any file fail with EFBIG, as a full disk would.
+
+  Process-wide: keep the block short, with stdout and stderr captured in memory
+  (capsys), so that nothing but the code under test writes files inside it.
+  """
   resource = pytest.importorskip("resource")
   import signal
 
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
-  yield
-  resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-  signal.signal(signal.SIGXFSZ, handler)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
 
 
 @pytest.mark.parametrize("output", ["maps.json", "maps.npz", "placement.npy"])
-def test_plan_failed_write_keeps_the_previous_file(tmp_path, capsys, request, output):
+def test_plan_failed_write_keeps_the_previous_file(tmp_path, capsys, output):
   source, target = tmp_path / "loads.npy", tmp_path / output
   np.save(source, WEIGHT)
   target.write_bytes(b"previous")
   cli.main(["plan", str(source), *SIZES])  # compile outside the size limit
-  request.getfixturevalue("file_size_limit")
-  status = cli.main(["plan", str(source), *SIZES, "--output", str(target)])
+  with _file_size_limit(64):
+    status = cli.main(["plan", str(source), *SIZES, "--output", str(target)])
   assert status == 2
   assert "eplb-jax: error: " in capsys.readouterr().err
   assert target.read_bytes() == b"previous"

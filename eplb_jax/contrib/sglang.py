@@ -119,12 +119,12 @@ def _check_experts(loads: np.ndarray, where: str, num_logical_experts: int | Non
 
 
 def _torch_load(path: Path) -> Any:
+  if not path.is_file():
+    raise ValueError(f"{path}: no such file")
   try:
     import torch
   except ImportError:
     raise ImportError(f"{path}: reading .pt files needs torch (pip install torch)") from None
-  if not path.is_file():
-    raise ValueError(f"{path}: no such file")
   try:
     # weights_only: tensors, numbers, strings and containers; no arbitrary objects.
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -331,8 +331,10 @@ def test_no_torch_needed_for_json_and_npy(tmp_path, monkeypatch):
   phy2log = _plan(sglang.read_logical_count_json(source))
   out = sglang.write_physical_to_logical_map(tmp_path / "p.npy", phy2log)
   _check_placement(sglang.read_physical_to_logical_map(out), phy2log)
+  dump = tmp_path / "x.pt"
+  dump.write_bytes(b"\x80\x02}q\x00.")
   with pytest.raises(ImportError, match="needs torch"):
-    sglang.read_recorder_dump(tmp_path / "x.pt")
+    sglang.read_recorder_dump(dump)
 
 
 def test_importing_never_imports_torch():
