@@ -49,12 +49,13 @@ from typing import Any
 
 import numpy as np
 
+import eplb_jax
 from eplb_jax._src import files
 
 PathLike = str | os.PathLike
 LOGICAL_COUNT = "logical_count"
 PHYSICAL_TO_LOGICAL_MAP = "physical_to_logical_map"
-DISPATCH_MODES = ("sglang", "first")
+DISPATCH_MODES = ("sglang", "first", "eplb_jax")
 
 
 # ------------------------------------------------------------------ helpers
@@ -595,11 +596,13 @@ def expert_location_metadata(
     phy2log: ``[L, P]`` placement, e.g. ``eplb_jax.rebalance_experts(...)[0]``.
     num_logical_experts: ``E``.
     ep_size: EP ranks; must divide ``P``.
-    ep_rank: the rank whose dispatch map to build (``dispatch="sglang"``).
+    ep_rank: the rank whose dispatch map to build (``"sglang"``, ``"eplb_jax"``).
     num_nodes: nodes, for SGLang's same-node preference.
     dispatch: ``"sglang"``: SGLang's per-rank choice (:func:`sglang_dispatch_map`,
       as SGLang computes it for a loaded placement); ``"first"``: sglang-jax's,
-      every rank sends an expert's tokens to its lowest slot.
+      every rank sends an expert's tokens to its lowest slot; ``"eplb_jax"``:
+      :func:`eplb_jax.expert_location`'s (own GPU, then own node, then an even
+      spread; deterministic, no random draws).
     ep_dispatch_algorithm: the aux field, ``"static"``, ``"dynamic"`` or ``"fake"``.
     as_jax: return ``jax.Array`` (int32, as sglang-jax's ``device_put`` of its
       int64 maps gives without x64) instead of NumPy int32.
@@ -619,6 +622,8 @@ def expert_location_metadata(
     )
   phy2log = _check_phy2log(phy2log, "phy2log", num_logical_experts)
   _check_ep(phy2log, ep_size, num_nodes)
+  if not 0 <= ep_rank < ep_size:
+    raise ValueError(f"ep_rank must be in [0, {ep_size}), got {ep_rank}")
   slots = _replica_slots(phy2log, num_logical_experts)
   count = np.array([[len(replicas) for replicas in layer] for layer in slots], np.int64)
   if np.any(count == 0):
@@ -630,6 +635,12 @@ def expert_location_metadata(
       all_physical[layer, expert, : len(replicas)] = replicas
   if dispatch == "first":
     rank_dispatch = all_physical[:, :, 0]
+  elif dispatch == "eplb_jax":
+    # expert_location needs each expert's slots, in any order and width: all_physical.
+    location = eplb_jax.expert_location(
+      eplb_jax.Placement(phy2log, all_physical, count), ep_size, num_nodes
+    )
+    rank_dispatch = np.asarray(location.logical_to_rank_dispatch_physical_map[:, ep_rank])
   else:
     rank_dispatch = sglang_dispatch_map(
       phy2log, num_logical_experts, ep_size, ep_rank, num_nodes=num_nodes

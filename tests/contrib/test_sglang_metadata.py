@@ -16,11 +16,15 @@ SLOTS_PER_GPU = P // GPUS
 
 
 @pytest.fixture(scope="module")
-def placement() -> tuple[np.ndarray, np.ndarray]:
+def result() -> eplb_jax.Placement:
   rng = np.random.default_rng(0)
   weight = rng.gamma(0.5, 100.0, (L, E)).astype(np.float32)
-  phy2log, _, logcnt = eplb_jax.rebalance_experts(weight, P, GROUPS, NODES, GPUS)
-  return np.asarray(phy2log), np.asarray(logcnt)
+  return eplb_jax.rebalance_experts(weight, P, GROUPS, NODES, GPUS)
+
+
+@pytest.fixture(scope="module")
+def placement(result) -> tuple[np.ndarray, np.ndarray]:
+  return np.asarray(result.phy2log), np.asarray(result.logcnt)
 
 
 def test_fields_match_the_placement(placement):
@@ -56,6 +60,18 @@ def test_first_dispatch_is_sglang_jax(placement):
   chex.assert_trees_all_equal(
     fields["logical_to_rank_dispatch_physical_map"], fields["logical_to_all_physical_map"][..., 0]
   )
+
+
+def test_eplb_jax_dispatch_is_expert_locations_row(result):
+  location = eplb_jax.expert_location(result, GPUS, NODES)
+  for rank in (0, GPUS - 1):
+    fields = sglang.expert_location_metadata(
+      result.phy2log, E, ep_size=GPUS, ep_rank=rank, num_nodes=NODES, dispatch="eplb_jax"
+    )
+    chex.assert_trees_all_equal(
+      fields["logical_to_rank_dispatch_physical_map"],
+      np.asarray(location.logical_to_rank_dispatch_physical_map[:, rank]),
+    )
 
 
 def test_as_jax(placement):
@@ -117,6 +133,7 @@ def test_sglang_dispatch_is_deterministic_and_seeded(placement):
     (dict(ep_size=0), "ep_size must be a positive int"),
     (dict(ep_size=GPUS, dispatch="random"), "dispatch"),
     (dict(ep_size=GPUS, ep_dispatch_algorithm="lp"), "ep_dispatch_algorithm"),
+    (dict(ep_size=GPUS, ep_rank=GPUS, dispatch="eplb_jax"), "ep_rank"),
   ],
 )
 def test_bad_arguments(placement, kwargs, message):
