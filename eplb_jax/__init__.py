@@ -3,7 +3,8 @@
 Pipeline: statistics -> replication -> packing -> placement maps
 -> (sharding, migration). :func:`rebalance_experts` (DeepSeek's signature)
 and :func:`rebalance` (on a :class:`Topology`) are the entry points; they
-return a :class:`Placement`. :mod:`eplb_jax.runtime` holds the pieces a
+return a :class:`Placement`; :func:`expert_location` turns it into the
+per-GPU dispatch maps a serving engine needs. :mod:`eplb_jax.runtime` holds the pieces a
 training step uses around them, :mod:`eplb_jax.metrics` the quality
 measures, and :mod:`eplb_jax.contrib` adapters with optional dependencies.
 """
@@ -17,6 +18,8 @@ from eplb_jax._src.api import rebalance_experts
 from eplb_jax._src.api import rebalance_experts_hierarchical
 from eplb_jax._src.api import rebalance_with_previous
 from eplb_jax._src.api import replicate_experts
+from eplb_jax._src.location import ExpertLocation
+from eplb_jax._src.location import expert_location
 from eplb_jax._src.modes import Greedy
 from eplb_jax._src.modes import Refined
 from eplb_jax._src.placement import Placement
@@ -25,11 +28,13 @@ from eplb_jax._src.topology import Topology
 __version__ = "0.2.0"
 
 __all__ = [
+  "ExpertLocation",
   "Greedy",
   "Placement",
   "Refined",
   "Topology",
   "balanced_packing",
+  "expert_location",
   "metrics",
   "migration_cost",
   "rebalance",

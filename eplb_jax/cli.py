@@ -1,12 +1,19 @@
-"""Command-line interface: ``eplb-jax plan`` turns a load matrix into placement maps.
+"""Command-line interface: ``eplb-jax plan`` turns expert loads into a placement.
 
-Loads ``[layers, experts]`` come from a ``.npy``, ``.npz``, ``.json`` or
-``.csv`` file, or from a built-in model shape with synthetic skewed loads when
-no file is given. The command prints a short quality summary and can write the
-three maps (``phy2log``, ``log2phy``, ``logcnt``) to ``.npz`` or ``.json``.
+Loads ``[layers, experts]``, or a window ``[steps, layers, experts]`` summed
+over its steps (``--decay`` weights recent steps more), come from a file
+chosen by its suffix (:func:`load_weight`: eplb_jax's ``.npy``, ``.npz``,
+``.json``, ``.csv`` and the SGLang / sglang-jax recorder files), or from a
+built-in model shape with synthetic skewed loads when no file is given. With
+``--previous`` the placement in service is kept as far as balance allows.
+The command prints a short quality summary and can write the placement
+(:func:`save_placement`): eplb_jax's three maps (``phy2log``, ``log2phy``,
+``logcnt``) as ``.npz`` or ``.json``, or an ``--init-expert-location`` file
+for SGLang or sglang-jax.
 
-Errors in the input or in the sizes print ``eplb-jax: error: <message>`` to
-stderr and exit with status 2.
+Errors in the input, the sizes or the output print ``eplb-jax: error:
+<message>`` to stderr and exit with status 2; no traceback. Output files are
+written atomically: a failed write leaves the previous file as it was.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,53 +33,167 @@ import numpy as np
 from eplb_jax import metrics
 from eplb_jax import workloads
 from eplb_jax._src import checks
+from eplb_jax._src import files
+from eplb_jax._src.api import migration_cost
 from eplb_jax._src.api import rebalance_experts
 from eplb_jax._src.modes import MODES
+from eplb_jax._src.placement import Placement
+from eplb_jax.contrib import sglang
+from eplb_jax.runtime import stats
 
 DEFAULT_SHAPE = "deepseek-v3-prefill"
-INPUT_FORMATS = (".npy", ".npz", ".json", ".csv")
-OUTPUT_FORMATS = (".npz", ".json")
+INPUT_FORMATS = (".npy", ".npz", ".json", ".csv", ".pt")
+KEYED_FORMATS = (".npz", ".json")
 SIZE_FLAGS = ("num_replicas", "num_groups", "num_nodes", "num_gpus")
+# --format -> the output suffixes it can be written as; the first format listing a suffix is
+# that suffix's default.
+OUTPUT_FORMATS = {
+  "npz": (".npz",),
+  "json": (".json",),
+  "sglang": (".json", ".pt"),
+  "sglang-jax": (".npy", ".json"),
+}
 
 
-def load_weight(path: pathlib.Path, key: str | None = None) -> np.ndarray:
-  """Reads a load matrix ``[layers, experts]`` from ``path``, chosen by its extension.
+def _input_error(what: str, path: pathlib.Path, error: BaseException) -> ValueError:
+  """A ``ValueError`` for an unreadable file, naming it once."""
+  message = str(error) or type(error).__name__
+  if str(path) not in message:
+    message = f"cannot read {what} {path}: {message}"
+  return ValueError(message)
 
-  ``.npy``: the array; ``.npz``: the array named ``key`` (default: the first);
-  ``.json``: a list of lists, or an object holding one under ``key`` (default
-  ``"weight"``); ``.csv``: comma-separated rows without a header. Unreadable
-  contents raise ``ValueError`` naming the file; a missing file, ``OSError``.
-  """
-  suffix = path.suffix.lower()
-  if suffix not in INPUT_FORMATS:
-    raise ValueError(f"INPUT must end in one of {', '.join(INPUT_FORMATS)}, got {path.name!r}")
+
+def _read_json(path: pathlib.Path) -> Any:
   try:
-    if suffix == ".npy":
-      return np.load(path)
-    if suffix == ".csv":
-      return np.loadtxt(path, delimiter=",", ndmin=2)
-    if suffix == ".npz":
-      with np.load(path) as arrays:
-        return _entry(arrays, key or arrays.files[0])
-    data = json.loads(path.read_text())
-    return np.asarray(_entry(data, key or "weight") if isinstance(data, dict) else data)
-  except (ValueError, IndexError) as error:
-    raise ValueError(f"cannot read INPUT {path}: {error}") from None
+    return json.loads(path.read_text())
+  except RecursionError:
+    raise ValueError("JSON nested too deeply") from None
 
 
 def _entry(entries: Mapping[str, Any], name: str) -> Any:
   """The entry ``name`` of an .npz archive or a JSON object."""
   if name not in entries:
-    raise ValueError(f"no entry {name!r} (has {', '.join(entries)}; pick one with --key)")
+    raise ValueError(f"no entry {name!r} (has {', '.join(entries) or 'none'}; pick one with --key)")
   return entries[name]
 
 
-def save_maps(path: pathlib.Path, maps: dict[str, np.ndarray]) -> None:
-  """Writes the named int arrays to ``.npz`` or to ``.json`` (nested lists)."""
-  if path.suffix.lower() == ".npz":
-    np.savez(path, **maps)
+def _read_loads(path: pathlib.Path, suffix: str, key: str | None, allow_pickle: bool) -> Any:
+  if suffix == ".pt":
+    return sglang.read_recorder_dump(path)
+  if suffix == ".npy":
+    if sglang.npy_is_pickled(path):
+      return sglang.read_sglang_jax_dump(path, allow_pickle=allow_pickle)
+    return np.load(path)
+  if suffix == ".npz":
+    with np.load(path) as arrays:
+      return _entry(arrays, key or (arrays.files or ["weight"])[0])
+  if suffix == ".csv":
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # loadtxt warns on an empty file; we raise below
+      weight = np.loadtxt(path, delimiter=",", ndmin=2)
+    if weight.size == 0:
+      raise ValueError("no rows")
+    return weight
+  data = _read_json(path)
+  if not isinstance(data, dict):
+    return data
+  if key is None and sglang.LOGICAL_COUNT in data:
+    return sglang.logical_count(data[sglang.LOGICAL_COUNT], str(path))
+  if key is None and "weight" not in data and sglang.PHYSICAL_TO_LOGICAL_MAP in data:
+    raise ValueError("holds a placement (physical_to_logical_map), not loads; see --previous")
+  return _entry(data, key or "weight")
+
+
+def load_weight(
+  path: pathlib.Path, key: str | None = None, *, allow_pickle: bool = False
+) -> np.ndarray:
+  """Reads loads ``[layers, experts]`` or a window ``[steps, layers, experts]`` from ``path``.
+
+  Chosen by the suffix (any case):
+
+  * ``.npy``: the array; or a pickled dict with ``logical_count`` (sglang-jax's
+    recorder dump), read only with ``allow_pickle`` since unpickling runs code
+    from the file;
+  * ``.npz``: the array named ``key`` (default: the first);
+  * ``.json``: a list of lists, or an object holding one under ``key``
+    (default: ``logical_count``, SGLang's ``--init-expert-location`` loads, else
+    ``weight``);
+  * ``.csv``: comma-separated rows without a header;
+  * ``.pt``: SGLang's expert-distribution recorder dump (``stat`` mode), read with
+    ``torch.load(weights_only=True)``; needs torch.
+
+  Returns:
+    The array as stored; :func:`_problem` checks its shape and values.
+
+  Raises:
+    ValueError: an unknown suffix, ``key`` with a format that has no names, or
+      a missing, unreadable or corrupt file (the message names the file).
+  """
+  suffix = path.suffix.lower()
+  if suffix not in INPUT_FORMATS:
+    raise ValueError(f"INPUT must end in one of {', '.join(INPUT_FORMATS)}, got {path.name!r}")
+  if key is not None and suffix not in KEYED_FORMATS:
+    raise ValueError(f"--key applies to {' and '.join(KEYED_FORMATS)} inputs, not {suffix}")
+  try:
+    data = _read_loads(path, suffix, key, allow_pickle)
+    return np.asarray(data)
+  except Exception as error:  # corrupt files: NumPy, zipfile, json, pickle, torch raise many types
+    raise _input_error("INPUT", path, error) from None
+
+
+def load_previous(path: pathlib.Path, *, allow_pickle: bool = False) -> np.ndarray:
+  """Reads the placement in service ``phy2log [layers, slots]`` for ``--previous``.
+
+  Takes what ``plan --output`` writes: eplb_jax's ``.npz`` / ``.json`` maps
+  (``phy2log``), or an ``--init-expert-location`` file with
+  ``physical_to_logical_map`` (``.json``, ``.pt``, ``.npy``).
+  """
+  suffix = path.suffix.lower()
+  try:
+    if suffix == ".npz":
+      with np.load(path) as maps:
+        return np.asarray(_entry(maps, "phy2log"))
+    if suffix == ".json":
+      data = _read_json(path)
+      if isinstance(data, dict) and "phy2log" in data:
+        return np.asarray(data["phy2log"])
+    return sglang.read_physical_to_logical_map(path, allow_pickle=allow_pickle)
+  except Exception as error:  # as load_weight
+    raise _input_error("--previous", path, error) from None
+
+
+def output_format(output: pathlib.Path, name: str | None) -> str:
+  """The ``--format`` of ``output``: ``name``, checked against the suffix, or the suffix's."""
+  suffix = output.suffix.lower()
+  if name is None:
+    for fmt, suffixes in OUTPUT_FORMATS.items():
+      if suffix in suffixes:
+        return fmt
+    known = sorted({s for suffixes in OUTPUT_FORMATS.values() for s in suffixes})
+    raise ValueError(f"--output must end in one of {', '.join(known)}, got {output.name!r}")
+  if suffix not in OUTPUT_FORMATS[name]:
+    raise ValueError(
+      f"--output for --format {name} must end in {' or '.join(OUTPUT_FORMATS[name])}, "
+      f"got {output.name!r}"
+    )
+  return name
+
+
+def save_placement(path: pathlib.Path, fmt: str, placement: Placement) -> None:
+  """Writes ``placement`` to ``path`` in ``fmt`` (see ``OUTPUT_FORMATS``), atomically.
+
+  ``npz`` / ``json``: ``phy2log``, ``log2phy``, ``logcnt``. ``sglang`` /
+  ``sglang-jax``: ``{"physical_to_logical_map": phy2log}`` (``.json``; ``.pt``
+  for SGLang; a bare array ``.npy`` for sglang-jax), for ``--init-expert-location``.
+  """
+  maps = {name: np.asarray(value) for name, value in placement._asdict().items()}
+  if fmt == "npz":
+    files.write_atomic(path, lambda file: np.savez(file, **maps))
+  elif fmt == "json":
+    text = json.dumps({name: value.tolist() for name, value in maps.items()}).encode()
+    files.write_atomic(path, lambda file: file.write(text))
   else:
-    path.write_text(json.dumps({name: value.tolist() for name, value in maps.items()}))
+    sglang.write_physical_to_logical_map(path, maps["phy2log"])
 
 
 def contiguous_loads(weight: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -86,6 +208,8 @@ def _problem(args: argparse.Namespace) -> tuple[workloads.Shape, np.ndarray, str
   """The shape, loads ``[L, E]`` and a description of where the loads come from."""
   if args.input is not None and args.shape is not None:
     raise ValueError("give either INPUT or --shape, not both")
+  if args.decay is not None and not 0.0 < args.decay <= 1.0:
+    raise ValueError(f"--decay must be in (0, 1], got {args.decay}")
   if args.input is None:
     name = args.shape or DEFAULT_SHAPE
     base = workloads.SHAPES[name]
@@ -94,7 +218,7 @@ def _problem(args: argparse.Namespace) -> tuple[workloads.Shape, np.ndarray, str
     defaults = dict(zip(SIZE_FLAGS, base.sizes, strict=True))
   else:
     path = pathlib.Path(args.input)
-    weight = load_weight(path, args.key)
+    weight = load_weight(path, args.key, allow_pickle=args.allow_pickle)
     source = str(path)
     name = path.name
     defaults = {"num_groups": 1, "num_nodes": 1}
@@ -105,31 +229,45 @@ def _problem(args: argparse.Namespace) -> tuple[workloads.Shape, np.ndarray, str
     flag: defaults[flag] if getattr(args, flag) is None else getattr(args, flag)
     for flag in SIZE_FLAGS
   }
-  checks.check_weight_values(
-    checks.check_weight(weight)
-  )  # ValueError for bad shapes, dtypes and values
-  shape = workloads.Shape(name, *np.shape(weight), **sizes)
+  weight = checks.check_weight(weight, window=True)  # ValueError for bad shapes and dtypes
+  if weight.ndim == 3:
+    source += f" (window of {weight.shape[0]} steps, " + (
+      "summed)" if args.decay is None else f"decay {args.decay})"
+    )
+  elif args.decay is not None:
+    raise ValueError(f"--decay needs a window [steps, layers, experts], got shape {weight.shape}")
+  shape = workloads.Shape(name, *weight.shape[-2:], **sizes)
+  shape.topology.check_experts(shape.num_experts)
+  checks.check_weight_values(weight)  # ValueError for negative, NaN, inf loads
+  if weight.ndim == 3:
+    weight = stats.decayed_load(weight, 1.0 if args.decay is None else args.decay)
   return shape, np.asarray(weight, np.float64), source
 
 
-def _timed_rebalance(weight: np.ndarray, shape: workloads.Shape, mode: str):
-  """Runs ``rebalance_experts`` twice: returns the maps and both wall times in ms."""
+def _timed_rebalance(weight: np.ndarray, shape: workloads.Shape, mode: str, previous):
+  """Runs ``rebalance_experts`` twice: returns the placement and both wall times in ms."""
   times = []
   for _ in range(2):
     start = time.perf_counter()
-    maps = jax.block_until_ready(rebalance_experts(weight, *shape.sizes, mode=mode))
+    placement = jax.block_until_ready(
+      rebalance_experts(weight, *shape.sizes, mode=mode, previous_phy2log=previous)
+    )
     times.append(1e3 * (time.perf_counter() - start))
-  return maps, times
+  return placement, times
 
 
-def plan(args: argparse.Namespace) -> int:
-  """The ``plan`` subcommand: balance, summarise, optionally write the maps."""
-  output = pathlib.Path(args.output) if args.output else None
-  if output is not None and output.suffix.lower() not in OUTPUT_FORMATS:
-    raise ValueError(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {output.name!r}")
-  shape, weight, source = _problem(args)
-  (phy2log, log2phy, logcnt), (first_ms, compiled_ms) = _timed_rebalance(weight, shape, args.mode)
+def _no_layers(shape: workloads.Shape) -> Placement:
+  """The placement of zero layers: empty maps of the right widths."""
+  width = shape.topology.max_replicas(shape.num_experts)
+  return Placement(
+    np.zeros((0, shape.num_replicas), np.int32),
+    np.zeros((0, shape.num_experts, width), np.int32),
+    np.zeros((0, shape.num_experts), np.int32),
+  )
 
+
+def _summary(weight, shape, placement, times, previous) -> None:
+  phy2log, _, logcnt = placement
   before = metrics.layer_balancedness(contiguous_loads(weight, shape.num_gpus))
   loads = metrics.gpu_loads(weight, phy2log, logcnt, shape.num_gpus)
   after = np.asarray(metrics.layer_balancedness(loads))
@@ -137,6 +275,34 @@ def plan(args: argparse.Namespace) -> int:
   ratio = np.asarray(loads.max(axis=-1) / bound)
   ratio = np.where(np.isfinite(ratio), ratio, 1.0)  # all-zero layers: 0 / 0
   worst = int(np.argmin(after))
+  print(
+    f"  balancedness  {float(np.mean(before)):.4f} before (contiguous, no replicas) -> "
+    f"{float(after.mean()):.4f} after"
+  )
+  print(f"  worst layer   {worst}: balancedness {after[worst]:.4f}")
+  print(f"  max / bound   {ratio.mean():.4f} mean, {ratio.max():.4f} worst (1 = provably optimal)")
+  if previous is not None:
+    moved, changed = migration_cost(previous, phy2log, shape.num_gpus)
+    print(
+      f"  migration     {int(np.sum(moved))} replicas moved onto GPUs, "
+      f"{int(np.sum(changed))} slots changed (from --previous)"
+    )
+  first_ms, compiled_ms = times
+  print(
+    f"  time          {first_ms:.1f} ms first call (with compile), {compiled_ms:.2f} ms compiled"
+  )
+
+
+def plan(args: argparse.Namespace) -> int:
+  """The ``plan`` subcommand: balance, summarise, optionally write the placement."""
+  output = pathlib.Path(args.output) if args.output else None
+  if output is None and args.format is not None:
+    raise ValueError("--format needs --output")
+  fmt = None if output is None else output_format(output, args.format)
+  shape, weight, source = _problem(args)
+  previous = None
+  if args.previous is not None:
+    previous = load_previous(pathlib.Path(args.previous), allow_pickle=args.allow_pickle)
 
   print(f"eplb-jax plan: {source}")
   print(
@@ -145,19 +311,15 @@ def plan(args: argparse.Namespace) -> int:
     f"GPUs {shape.num_gpus}"
   )
   print(f"  policy        {shape.policy}, mode {args.mode}")
-  print(
-    f"  balancedness  {float(np.mean(before)):.4f} before (contiguous, no replicas) -> "
-    f"{float(after.mean()):.4f} after"
-  )
-  print(f"  worst layer   {worst}: balancedness {after[worst]:.4f}")
-  print(f"  max / bound   {ratio.mean():.4f} mean, {ratio.max():.4f} worst (1 = provably optimal)")
-  print(
-    f"  time          {first_ms:.1f} ms first call (with compile), {compiled_ms:.2f} ms compiled"
-  )
+  if shape.num_layers == 0:
+    placement = _no_layers(shape)
+    print("  balancedness  no layers to balance")
+  else:
+    placement, times = _timed_rebalance(weight, shape, args.mode, previous)
+    _summary(weight, shape, placement, times, previous)
   if output is not None:
-    maps = {"phy2log": phy2log, "log2phy": log2phy, "logcnt": logcnt}
-    save_maps(output, {name: np.asarray(value) for name, value in maps.items()})
-    print(f"  wrote         {output}")
+    save_placement(output, fmt, placement)
+    print(f"  wrote         {output} ({fmt})")
   return 0
 
 
@@ -168,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", required=True)
   sub = commands.add_parser(
     "plan",
-    help="place experts on GPUs for a load matrix [layers, experts]",
+    help="place experts on GPUs for loads [layers, experts]",
     description=(
       "Place replicated experts on GPUs. Without INPUT, runs on a built-in model shape "
       f"(default {DEFAULT_SHAPE}) with synthetic skewed loads and that shape's sizes; "
@@ -180,16 +342,42 @@ def build_parser() -> argparse.ArgumentParser:
     "input",
     nargs="?",
     metavar="INPUT",
-    help=f"loads [layers, experts]: {', '.join(INPUT_FORMATS)} (CSV without header)",
+    help=(
+      "loads [layers, experts] or a window [steps, layers, experts]: .npy, .npz, .json, "
+      ".csv (no header), or an SGLang recorder dump .pt / sglang-jax recorder dump .npy"
+    ),
   )
   sub.add_argument("--key", help="array name in an .npz (default: first) or key in a .json object")
+  sub.add_argument(
+    "--allow-pickle",
+    action="store_true",
+    help="read pickled .npy dicts (sglang-jax's dumps); unpickling runs code: trusted files only",
+  )
+  sub.add_argument(
+    "--decay",
+    type=float,
+    help="weight a window's steps by DECAY**age (newest last) instead of summing them",
+  )
   sub.add_argument("--shape", choices=sorted(workloads.SHAPES), help="built-in example shape")
   sub.add_argument("--num-replicas", type=int, help="physical expert slots in total")
   sub.add_argument("--num-groups", type=int, help="expert groups (hierarchical policy)")
   sub.add_argument("--num-nodes", type=int, help="server nodes")
   sub.add_argument("--num-gpus", type=int, help="GPUs in total")
   sub.add_argument("--mode", choices=tuple(MODES), default="refined", help="default: refined")
-  sub.add_argument("--output", metavar="PATH", help="write the maps to PATH (.npz or .json)")
+  sub.add_argument(
+    "--previous",
+    metavar="PLACEMENT",
+    help="placement in service (a plan --output file or an --init-expert-location file): "
+    "keep replicas where they are as far as balance allows",
+  )
+  sub.add_argument("--output", metavar="PATH", help="write the placement to PATH")
+  sub.add_argument(
+    "--format",
+    choices=tuple(OUTPUT_FORMATS),
+    help="npz/json: the three maps; sglang (.json, .pt) / sglang-jax (.npy, .json): "
+    "an --init-expert-location file. Default from PATH's suffix: .npz npz, .json json, "
+    ".pt sglang, .npy sglang-jax",
+  )
   sub.set_defaults(run=plan)
   return parser
 
@@ -202,6 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     return int(exit_.code or 0)
   try:
     return args.run(args)
-  except (ValueError, OSError) as error:
+  except (ValueError, OSError, ImportError) as error:
     print(f"eplb-jax: error: {error}", file=sys.stderr)
     return 2

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import subprocess
 import sys
 
 import chex
+import hypothesis
+import hypothesis.extra.numpy
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 import eplb_jax
 from eplb_jax import cli
@@ -22,6 +27,7 @@ WEIGHT = np.array(
   ]
 )
 SIZES = ["--num-replicas", "16", "--num-groups", "4", "--num-nodes", "2", "--num-gpus", "8"]
+SIZE_ARGS = (16, 4, 2, 8)
 
 
 def _write(path, fmt):
@@ -96,6 +102,8 @@ def test_plan_global_policy_defaults_to_one_group_and_node(tmp_path, capsys):
   assert cli.main(["plan", str(source), "--num-replicas", "16", "--num-gpus", "4"]) == 0
   out = capsys.readouterr().out
   assert "groups 1, nodes 1, GPUs 4" in out
+  # One group on one node: the help's "global policy" (Topology.policy).
+  assert "policy        global, mode refined" in out
 
 
 def test_plan_builtin_example(capsys):
@@ -123,6 +131,11 @@ def test_contiguous_loads():
     (["loads.npy", "--num-replicas", "16"], "--num-gpus"),
     (["loads.npy", *SIZES, "--output", "maps.csv"], "--output"),
     (["loads.npz", *SIZES, "--key", "missing"], "--key"),
+    (["loads.npy", *SIZES, "--key", "weight"], "--key applies to .npz and .json"),
+    (["loads.csv", *SIZES, "--key", "weight"], "--key applies to .npz and .json"),
+    (["loads.npy", *SIZES, "--format", "sglang", "--output", "maps.npz"], "--format sglang"),
+    (["loads.npy", *SIZES, "--format", "npz"], "--format needs --output"),
+    (["loads.npy", *SIZES, "--decay", "0.5"], "--decay needs a window"),
     (["loads.npy", "--shape", "kimi-k2"], "--shape"),
     (["nan.npy", *SIZES], "weight"),
     (["absent.npy", *SIZES], "absent.npy"),
@@ -135,6 +148,7 @@ def test_plan_bad_input_exits_2_naming_the_argument(tmp_path, monkeypatch, capsy
   np.savez("loads.npz", weight=WEIGHT)
   np.save("nan.npy", np.where(WEIGHT == 4, np.nan, WEIGHT))
   (tmp_path / "loads.txt").write_text("1,2\n")
+  (tmp_path / "loads.csv").write_text("1,2\n")
 
   assert cli.main(["plan", *args]) == 2
   captured = capsys.readouterr()
@@ -149,3 +163,226 @@ def test_python_m_entry_point():
   )
   assert result.returncode == 0, result.stderr
   assert "--num-replicas" in result.stdout
+
+
+# ------------------------------------------------------------------ robustness
+
+
+def _corrupt(path):
+  """Writes a corrupt or degenerate input to ``path`` (its name says which)."""
+  name = path.name
+  if name == "empty.npy":
+    path.write_bytes(b"")
+  elif name == "truncated.npz":
+    np.savez(path, weight=WEIGHT)
+    path.write_bytes(path.read_bytes()[:100])
+  elif name == "garbage.npz":
+    path.write_bytes(b"PK\x03\x04" + bytes(range(200)))
+  elif name == "empty.csv":
+    path.write_text("")
+  elif name == "deep.json":
+    path.write_text("[" * 100_000 + "]" * 100_000)
+  elif name == "no-experts.npy":
+    np.save(path, np.zeros((3, 0)))
+  elif name == "strings.json":
+    path.write_text('[["a", "b"]]')
+  elif name == "pickled.npy":
+    np.save(path, {"logical_count": WEIGHT, "timestamp": "x"}, allow_pickle=True)
+  elif name == "garbage.pt":
+    path.write_bytes(bytes(range(256)))
+  elif name == "4d.npy":
+    np.save(path, np.ones((1, 1, 2, 12)))
+
+
+@pytest.mark.parametrize(
+  ("name", "message"),
+  [
+    ("empty.npy", "not a NumPy .npy file"),
+    ("truncated.npz", "truncated.npz"),
+    ("garbage.npz", "garbage.npz"),
+    ("empty.csv", "no rows"),
+    ("deep.json", "nested too deeply"),
+    ("no-experts.npy", "at least one expert"),
+    ("strings.json", "integer or float dtype"),
+    ("pickled.npy", "--allow-pickle"),
+    ("garbage.pt", "garbage.pt"),
+    ("4d.npy", "3-D [steps, layers, experts]"),
+  ],
+)
+def test_plan_bad_files_exit_2_without_traceback(tmp_path, capsys, name, message):
+  source = tmp_path / name
+  _corrupt(source)
+  assert cli.main(["plan", str(source), *SIZES]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("eplb-jax: error: ") and message in err, err
+  assert "Traceback" not in err
+
+
+def test_plan_zero_layers_writes_empty_maps(tmp_path, capsys):
+  source, target = tmp_path / "loads.npy", tmp_path / "maps.npz"
+  np.save(source, np.zeros((0, 12)))
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(target)]) == 0
+  maps = _read_maps(target)
+  assert {name: value.shape for name, value in maps.items()} == {
+    "phy2log": (0, 16),
+    "log2phy": (0, 12, 5),
+    "logcnt": (0, 12),
+  }
+  assert "0 layers x 12 experts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".NPZ", ".Json"])
+def test_plan_output_path_is_written_as_printed(tmp_path, capsys, suffix):
+  source, target = tmp_path / "loads.npy", tmp_path / f"maps{suffix}"
+  np.save(source, WEIGHT)
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(target)]) == 0
+  assert f"wrote         {target} " in capsys.readouterr().out
+  assert [path.name for path in tmp_path.iterdir() if path.name.startswith("maps")] == [target.name]
+  reader = _read_maps if suffix == ".Json" else None
+  maps = reader(target) if reader else dict(np.load(target))
+  assert maps["phy2log"].shape == (2, 16)
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+  """Makes writes beyond ``limit`` bytes of any file fail with EFBIG, as a full disk would.
+
+  Process-wide: keep the block short, with stdout and stderr captured in memory
+  (capsys), so that nothing but the code under test writes files inside it.
+  """
+  resource = pytest.importorskip("resource")
+  import signal
+
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("output", ["maps.json", "maps.npz", "placement.npy"])
+def test_plan_failed_write_keeps_the_previous_file(tmp_path, capsys, output):
+  source, target = tmp_path / "loads.npy", tmp_path / output
+  np.save(source, WEIGHT)
+  target.write_bytes(b"previous")
+  cli.main(["plan", str(source), *SIZES])  # compile outside the size limit
+  with _file_size_limit(64):
+    status = cli.main(["plan", str(source), *SIZES, "--output", str(target)])
+  assert status == 2
+  assert "eplb-jax: error: " in capsys.readouterr().err
+  assert target.read_bytes() == b"previous"
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["loads.npy", output]
+
+
+# ------------------------------------------------------------------ engine files
+
+
+def test_plan_reads_engine_files_and_writes_engine_placements(tmp_path, capsys):
+  window = np.stack([WEIGHT, WEIGHT[::-1], 2 * WEIGHT])  # [N, L, E]
+  summed = eplb_jax.rebalance_experts(window.sum(0), 16, 4, 2, 8)
+  # SGLang's --init-expert-location JSON with a logical_count window.
+  source = tmp_path / "init.json"
+  source.write_text(json.dumps({"logical_count": window.tolist()}))
+  target = tmp_path / "placement.json"
+  args = ["plan", str(source), *SIZES, "--format", "sglang", "--output", str(target)]
+  assert cli.main(args) == 0
+  assert json.loads(target.read_text()) == {"physical_to_logical_map": summed.phy2log.tolist()}
+  assert "window of 3 steps, summed" in capsys.readouterr().out
+  # sglang-jax's pickled dump, with --allow-pickle; the placement as a bare .npy.
+  dump = tmp_path / "dump.npy"
+  np.save(dump, {"logical_count": WEIGHT, "timestamp": "x"}, allow_pickle=True)
+  placement = tmp_path / "placement.npy"
+  args = ["plan", str(dump), *SIZES, "--allow-pickle", "--output", str(placement)]
+  assert cli.main(args) == 0
+  np.testing.assert_array_equal(
+    np.load(placement), eplb_jax.rebalance_experts(WEIGHT, *SIZE_ARGS)[0]
+  )
+  assert "(sglang-jax)" in capsys.readouterr().out
+
+
+def test_plan_decay_weights_recent_steps(tmp_path):
+  window = np.stack([WEIGHT[::-1], WEIGHT])  # oldest first
+  source, target = tmp_path / "window.npy", tmp_path / "maps.npz"
+  np.save(source, window)
+  assert cli.main(["plan", str(source), *SIZES, "--decay", "0.5", "--output", str(target)]) == 0
+  expected = eplb_jax.rebalance_experts(0.5 * window[0] + window[1], *SIZE_ARGS)
+  np.testing.assert_array_equal(_read_maps(target)["phy2log"], expected.phy2log)
+
+
+def test_plan_previous_is_migration_aware(tmp_path, capsys):
+  source, first, second = tmp_path / "loads.npy", tmp_path / "old.npz", tmp_path / "new.json"
+  np.save(source, WEIGHT)
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(first)]) == 0
+  drifted = tmp_path / "drifted.npy"
+  np.save(drifted, WEIGHT + np.arange(12))
+  args = ["plan", str(drifted), *SIZES, "--previous", str(first), "--output", str(second)]
+  assert cli.main(args) == 0
+  previous = _read_maps(first)["phy2log"]
+  expected = eplb_jax.rebalance_experts(
+    WEIGHT + np.arange(12), *SIZE_ARGS, previous_phy2log=previous
+  )
+  np.testing.assert_array_equal(_read_maps(second)["phy2log"], expected.phy2log)
+  moved, _ = eplb_jax.migration_cost(previous, expected.phy2log, 8)
+  assert f"migration     {int(np.sum(moved))} replicas moved" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ loaders, property-based
+
+SUFFIXES = [".npy", ".npz", ".json", ".csv", ".pt"]
+# Each example overwrites the same file, so one tmp_path serves them all.
+REUSED_TMP_PATH = [hypothesis.HealthCheck.function_scoped_fixture]
+
+
+@hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=REUSED_TMP_PATH)
+@hypothesis.given(suffix=st.sampled_from(SUFFIXES), content=st.binary(max_size=300))
+def test_load_weight_on_any_bytes_returns_an_array_or_a_clear_error(tmp_path, suffix, content):
+  path = tmp_path / f"input{suffix}"
+  path.write_bytes(content)
+  try:
+    weight = cli.load_weight(path)
+  except ValueError as error:
+    assert str(error)
+  else:
+    assert isinstance(weight, np.ndarray)
+
+
+@hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=REUSED_TMP_PATH)
+@hypothesis.given(
+  suffix=st.sampled_from([".npy", ".npz", ".json", ".csv"]),
+  weight=hypothesis.extra.numpy.arrays(
+    st.sampled_from([np.int32, np.int64, np.float32, np.float64]),
+    st.tuples(st.integers(1, 4), st.integers(1, 6)),
+    elements=st.integers(0, 10**6),
+  ),
+)
+def test_load_weight_round_trips_every_format(tmp_path, suffix, weight):
+  path = tmp_path / f"input{suffix}"
+  if suffix == ".npy":
+    np.save(path, weight)
+  elif suffix == ".npz":
+    np.savez(path, weight=weight)
+  elif suffix == ".json":
+    path.write_text(json.dumps(weight.tolist()))
+  else:
+    np.savetxt(path, weight, delimiter=",")
+  np.testing.assert_array_equal(cli.load_weight(path), weight)
+
+
+@hypothesis.settings(max_examples=30, deadline=None, suppress_health_check=REUSED_TMP_PATH)
+@hypothesis.given(
+  weight=hypothesis.extra.numpy.arrays(
+    np.float64,
+    st.sampled_from([(0, 12), (2, 12), (2, 0), (1, 2, 12), (12,)]),
+    elements=st.sampled_from([0.0, 1.0, 7.5, -1.0, np.nan, np.inf, 1e300]),
+  ),
+)
+def test_plan_on_any_loads_exits_0_or_2(tmp_path, weight):
+  source = tmp_path / "loads.npy"
+  np.save(source, weight)
+  with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+    status = cli.main(["plan", str(source), *SIZES])
+  assert status in (0, 2)
+  assert ("eplb-jax: error: " in err.getvalue()) == (status == 2)

@@ -24,8 +24,8 @@ def _raises(name: str):
 
 @pytest.mark.parametrize(
   "weight",
-  [np.ones(12, np.float32), np.ones((2, 3, 12), np.float32), np.float32(1.0)],
-  ids=["1d", "3d", "scalar"],
+  [np.ones(12, np.float32), np.ones((1, 2, 3, 12), np.float32), np.float32(1.0)],
+  ids=["1d", "4d", "scalar"],  # 3-D is a window [steps, layers, experts]
 )
 def test_weight_not_2d(weight):
   with _raises("weight"):

@@ -69,11 +69,12 @@ def _migrate(
 
 
 def _check_weight(weight: jax.typing.ArrayLike, topology: Topology, **kwargs) -> jax.Array:
-  """Static and value checks of ``weight [L, E]`` against ``topology``; returns float32 loads."""
-  weight = checks.check_weight(weight)
-  topology.check_experts(weight.shape[1], **kwargs)
+  """Static and value checks of ``weight``, ``[L, E]`` or a window ``[N, L, E]``, against
+  ``topology``; returns float32 loads ``[L, E]`` (a window summed over its steps)."""
+  weight = checks.check_weight(weight, window=True)
+  topology.check_experts(weight.shape[-1], **kwargs)
   checks.check_weight_values(weight)
-  return weight
+  return checks.sum_window(weight)
 
 
 def _check_phy2log(phy2log: jax.typing.ArrayLike, name: str) -> jax.Array:
@@ -134,7 +135,10 @@ def rebalance(
   eagerly they raise ``ValueError``.
 
   Args:
-    weight: ``[L, E]`` load statistics of each logical expert, int or float.
+    weight: ``[L, E]`` load statistics of each logical expert, int or float;
+      or a window ``[N, L, E]`` of ``N`` recorded steps, summed over ``N``
+      (for a recency-weighted sum, reduce it first with
+      :func:`eplb_jax.runtime.stats.decayed_load`).
     topology: slots, expert groups, nodes and GPUs.
     mode: ``"refined"`` (default), ``"greedy"`` (DeepSeek's placement
       exactly), or a :class:`Refined` / :class:`Greedy` instance.
@@ -195,7 +199,8 @@ def rebalance_experts(
   eagerly they raise ``ValueError``.
 
   Args:
-    weight: ``[L, E]`` load statistics of each logical expert, int or float.
+    weight: ``[L, E]`` load statistics of each logical expert, int or float;
+      or a window ``[N, L, E]``, summed over ``N`` (as :func:`rebalance`).
     num_replicas: ``P``, physical expert slots; a multiple of ``num_gpus``, ``>= E``.
     num_groups: expert groups (the hierarchical path needs ``E % num_groups == 0``).
     num_nodes: server nodes; ``num_gpus`` must be a multiple of it.
@@ -248,7 +253,8 @@ def rebalance_with_previous(
   (hierarchical: the experts of a group stay on one node).
 
   Args:
-    weight: ``[L, E]`` load statistics of each logical expert.
+    weight: ``[L, E]`` load statistics of each logical expert, or a window
+      ``[N, L, E]`` summed over ``N``.
     num_replicas: ``P``, physical expert slots; a multiple of ``num_gpus``, ``>= E``.
     num_groups: expert groups.
     num_nodes: server nodes.
@@ -290,7 +296,8 @@ def rebalance_experts_hierarchical(
   """Hierarchical placement: groups onto nodes, then replicas onto GPUs (DeepSeek's).
 
   Args:
-    weight: ``[L, E]`` load of each logical expert.
+    weight: ``[L, E]`` load of each logical expert, or a window ``[N, L, E]``
+      summed over ``N``.
     num_replicas: ``P``, total slots (DeepSeek's ``num_physical_experts``); a
       multiple of ``num_gpus``, ``>= E``.
     num_groups: expert groups; must divide ``E`` and be a multiple of ``num_nodes``.

@@ -29,6 +29,7 @@ __all__ = [
   "is_concrete",
   "narrow_ids",
   "sanitize_weight",
+  "sum_window",
 ]
 
 # Loads of a row are scaled down until the row's sum stays below 2**126, so
@@ -42,10 +43,13 @@ def is_concrete(x: object) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Array | np.ndarray:
+def check_weight(
+  weight: jax.typing.ArrayLike, name: str = "weight", *, window: bool = False
+) -> jax.Array | np.ndarray:
   """Static check of a ``[rows, items]`` load matrix; returns it as float32.
 
-  Raises ``ValueError`` naming ``name`` if it is not 2-D, has no items, or
+  Raises ``ValueError`` naming ``name`` if it is not 2-D (with ``window``:
+  2-D or a window of them, 3-D ``[steps, rows, items]``), has no items, or
   is not of a real numeric dtype. A jax array (or tracer) comes back as a
   float32 jax array; host input as a float32 NumPy array, which the jitted
   core takes directly. Rows of wider floats beyond float32's range are first
@@ -61,9 +65,14 @@ def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Arra
     jnp.issubdtype(dtype, np.integer) or jnp.issubdtype(dtype, np.floating)
   ):
     raise ValueError(f"{name} must have an integer or float dtype, got {dtype}")
-  if np.ndim(weight) != 2:
+  if window and np.ndim(weight) not in (2, 3):
+    raise ValueError(
+      f"{name} must be 2-D [layers, experts] or 3-D [steps, layers, experts], "
+      f"got shape {np.shape(weight)}"
+    )
+  if not window and np.ndim(weight) != 2:
     raise ValueError(f"{name} must be 2-D [layers, experts], got shape {np.shape(weight)}")
-  if not np.shape(weight)[1]:
+  if not np.shape(weight)[-1]:
     raise ValueError(f"{name} must have at least one expert, got shape {np.shape(weight)}")
   weight = _fit_float32(weight)
   if isinstance(weight, jax.Array):
@@ -74,15 +83,17 @@ def check_weight(weight: jax.typing.ArrayLike, name: str = "weight") -> jax.Arra
 def _fit_float32(weight: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
   """Scales the rows of float64 ``weight`` whose largest load is beyond float32's range.
 
-  Each such row is multiplied by a power of two that brings its largest
-  magnitude below ``2**127``; other rows, and narrower dtypes, are returned
-  unchanged. NaN and infinite loads stay what they are.
+  Each such row (of a window ``[N, L, E]``: each layer, all steps alike) is
+  multiplied by a power of two that brings its largest magnitude below
+  ``2**127``; other rows, and narrower dtypes, are returned unchanged. NaN
+  and infinite loads stay what they are.
   """
   if not jnp.issubdtype(weight.dtype, np.floating) or np.finfo(weight.dtype).maxexp <= 128:
     return weight
   xp = jnp if isinstance(weight, jax.Array) else np
   magnitude = xp.abs(weight)
-  peak = xp.max(xp.where(xp.isfinite(magnitude), magnitude, 0), axis=1, keepdims=True)
+  axes = (0, 2) if weight.ndim == 3 else 1
+  peak = xp.max(xp.where(xp.isfinite(magnitude), magnitude, 0), axis=axes, keepdims=True)
   shift = xp.maximum(xp.frexp(peak)[1] - 127, 0)  # peak < 2**exponent
   return xp.where(shift > 0, xp.ldexp(weight, -shift), weight)
 
@@ -150,3 +161,17 @@ def narrow_ids(ids: jax.Array | np.ndarray, limit: int, fill: int) -> jax.Array:
   xp = np if isinstance(ids, np.ndarray) else jnp
   valid = (ids >= 0) & (ids < limit)
   return jnp.asarray(xp.where(valid, ids, fill).astype(xp.int32))
+
+
+def sum_window(weight: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+  """Loads ``[L, E]`` of a checked window ``[N, L, E]``: the sum over its steps.
+
+  Entries are sanitised before the sum, so under ``jax.jit`` a bad entry of one
+  step counts as 0 without spoiling the other steps; each layer's steps are
+  scaled together, so that their sum stays finite. ``[L, E]`` is returned as is.
+  """
+  if weight.ndim == 2:
+    return weight
+  steps, layers, experts = weight.shape
+  by_layer = jnp.swapaxes(weight, 0, 1).reshape(layers, steps * experts)
+  return sanitize_weight(by_layer).reshape(layers, steps, experts).sum(axis=1)

@@ -67,8 +67,13 @@ class Topology:
 
   @property
   def policy(self) -> str:
-    """``"hierarchical"`` when ``num_groups % num_nodes == 0``, else ``"global"``."""
-    return HIERARCHICAL if self.num_groups % self.num_nodes == 0 else GLOBAL
+    """``"hierarchical"`` when ``num_groups % num_nodes == 0``, else ``"global"``.
+
+    One group on one node is ``"global"``: both policies are then the same pipeline.
+    """
+    if self.num_groups % self.num_nodes or self.num_groups == self.num_nodes == 1:
+      return GLOBAL
+    return HIERARCHICAL
 
   def packing_domains(self) -> Topology:
     """The topology the pipeline runs on: itself, or one group on one node for the global policy.
@@ -116,7 +121,7 @@ class Topology:
         f"num_replicas must be >= the number of logical experts ({num_experts}), "
         f"got {self.num_replicas}"
       )
-    if hierarchical and self.policy != HIERARCHICAL:
+    if hierarchical and self.num_groups % self.num_nodes:
       raise ValueError(
         f"num_groups must be a multiple of num_nodes ({self.num_nodes}) on the "
         f"hierarchical path, got {self.num_groups}"

@@ -160,3 +160,30 @@ def ema_load(state: EmaState) -> jax.Array:
   """The bias-corrected average ``average / (1 - decay**step)``; zeros before any step."""
   correction = 1.0 - state.decay ** state.step.astype(jnp.float32)
   return jnp.where(state.step > 0, state.average / jnp.where(state.step > 0, correction, 1.0), 0.0)
+
+
+def decayed_load(window: jax.typing.ArrayLike, decay: float) -> jax.Array:
+  """Recency-weighted loads of a window of per-step counts, rows oldest to newest.
+
+  ``sum_n decay**(N - 1 - n) * window[n]``: the newest row (the last) has
+  weight 1, each older one ``decay`` times the next. ``decay=1`` is the plain
+  sum, which the balancer applies itself to a window ``[N, L, E]``. A
+  :class:`WindowState` ring buffer is not in time order: roll it first so that
+  the newest row, ``(step - 1) % W``, comes last:
+  ``jnp.roll(state.counts, -(state.step % W), axis=0)``.
+
+  Args:
+    window: ``[N, ...]`` counts (e.g. ``[N, layers, E]``), oldest row first.
+    decay: a Python float in ``(0, 1]``.
+
+  Returns:
+    float32 ``window.shape[1:]``.
+  """
+  if not 0.0 < decay <= 1.0:
+    raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+  window = jnp.asarray(window, jnp.float32)
+  if window.ndim < 1:
+    raise ValueError(f"window must have a leading steps axis, got shape {window.shape}")
+  age = jnp.arange(window.shape[0] - 1, -1, -1, dtype=jnp.float32)
+  weights = jnp.asarray(decay, jnp.float32) ** age
+  return jnp.tensordot(weights, window, axes=1)
