@@ -17,6 +17,7 @@ from eplb_jax._src.api import rebalance_experts
 from eplb_jax._src.api import rebalance_experts_hierarchical
 from eplb_jax._src.api import rebalance_with_previous
 from eplb_jax._src.api import replicate_experts
+from eplb_jax._src.modes import GpuAware
 from eplb_jax._src.modes import Greedy
 from eplb_jax._src.modes import Refined
 from eplb_jax._src.placement import Placement
@@ -25,6 +26,7 @@ from eplb_jax._src.topology import Topology
 __version__ = "0.2.0"
 
 __all__ = [
+  "GpuAware",
   "Greedy",
   "Placement",
   "Refined",

@@ -26,6 +26,7 @@ from eplb_jax import metrics
 from eplb_jax import workloads
 from eplb_jax._src import checks
 from eplb_jax._src.api import rebalance_experts
+from eplb_jax._src.modes import DEFAULT_MODE
 from eplb_jax._src.modes import MODES
 
 DEFAULT_SHAPE = "deepseek-v3-prefill"
@@ -188,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_argument("--num-groups", type=int, help="expert groups (hierarchical policy)")
   sub.add_argument("--num-nodes", type=int, help="server nodes")
   sub.add_argument("--num-gpus", type=int, help="GPUs in total")
-  sub.add_argument("--mode", choices=tuple(MODES), default="refined", help="default: refined")
+  sub.add_argument(
+    "--mode", choices=tuple(MODES), default=DEFAULT_MODE, help=f"default: {DEFAULT_MODE}"
+  )
   sub.add_argument("--output", metavar="PATH", help="write the maps to PATH (.npz or .json)")
   sub.set_defaults(run=plan)
   return parser
