@@ -110,3 +110,13 @@ def test_candidates():
   np.testing.assert_array_equal(got, [[5, 1, 1, 1, 1], [4, 2, 1, 1, 1], [3, 2, 2, 1, 1]])
   np.testing.assert_array_equal(extra, [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 2]])
   np.testing.assert_array_equal(rank, [[1, 2, 3, 4], [1, 2, 3, 1], [1, 2, 1, 1]])
+
+
+def test_bad_knobs_are_named():
+  with pytest.raises(ValueError, match="greedy_steps must be a non-negative int"):
+    eplb_jax.GpuAware(greedy_steps=-1)
+  with pytest.raises(ValueError, match="greedy_steps_spare must be a non-negative int"):
+    eplb_jax.GpuAware(greedy_steps_spare=1.5)
+  with pytest.raises(ValueError, match="refined must be a Refined instance"):
+    eplb_jax.GpuAware(refined="refined")
+  assert eplb_jax.GpuAware(refined=eplb_jax.Refined(max_steps=8)) != eplb_jax.GpuAware()

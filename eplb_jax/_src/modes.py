@@ -105,7 +105,7 @@ class GpuAware:
       (and of the refined group packing).
     greedy_steps: single-head swap steps for greedy's packing in a domain
       without spare slots (where the counts are fixed and the packing is
-      the only lever).
+      the only lever), and for greedy's groups-to-nodes packing (4).
     greedy_steps_spare: the same in a domain with spare slots on the global
       policy.
   """
