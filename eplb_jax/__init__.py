@@ -20,6 +20,7 @@ from eplb_jax._src.api import rebalance_with_previous
 from eplb_jax._src.api import replicate_experts
 from eplb_jax._src.location import ExpertLocation
 from eplb_jax._src.location import expert_location
+from eplb_jax._src.modes import GpuAware
 from eplb_jax._src.modes import Greedy
 from eplb_jax._src.modes import Refined
 from eplb_jax._src.placement import Placement
@@ -29,6 +30,7 @@ __version__ = "0.2.0"
 
 __all__ = [
   "ExpertLocation",
+  "GpuAware",
   "Greedy",
   "Placement",
   "Refined",

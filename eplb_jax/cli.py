@@ -36,6 +36,7 @@ from eplb_jax._src import checks
 from eplb_jax._src import files
 from eplb_jax._src.api import migration_cost
 from eplb_jax._src.api import rebalance_experts
+from eplb_jax._src.modes import DEFAULT_MODE
 from eplb_jax._src.modes import MODES
 from eplb_jax._src.placement import Placement
 from eplb_jax.contrib import sglang
@@ -363,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_argument("--num-groups", type=int, help="expert groups (hierarchical policy)")
   sub.add_argument("--num-nodes", type=int, help="server nodes")
   sub.add_argument("--num-gpus", type=int, help="GPUs in total")
-  sub.add_argument("--mode", choices=tuple(MODES), default="refined", help="default: refined")
+  sub.add_argument(
+    "--mode", choices=tuple(MODES), default=DEFAULT_MODE, help=f"default: {DEFAULT_MODE}"
+  )
   sub.add_argument(
     "--previous",
     metavar="PLACEMENT",

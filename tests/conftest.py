@@ -57,6 +57,24 @@ def check_placement(
     np.testing.assert_array_equal(np.sort(slots), np.arange(num_replicas))
 
 
+def check_hierarchy(phy2log, num_experts, num_replicas, num_groups, num_nodes) -> None:
+  """Each group's experts, and all their replicas, live on one node; nodes get equal groups."""
+  phy2log = np.asarray(phy2log)
+  num_layers, _ = phy2log.shape
+  node_of_slot = np.arange(num_replicas) // (num_replicas // num_nodes)
+  for layer in range(num_layers):
+    experts = phy2log[layer]
+    node_of_expert = np.full(num_experts, -1)
+    node_of_expert[experts] = node_of_slot
+    # All replicas of an expert sit on the node that the scatter kept.
+    np.testing.assert_array_equal(node_of_expert[experts], node_of_slot)
+    by_group = node_of_expert.reshape(num_groups, -1)
+    assert np.all(by_group == by_group[:, :1]), f"layer {layer}: groups split over nodes"
+    np.testing.assert_array_equal(
+      np.bincount(by_group[:, 0], minlength=num_nodes), num_groups // num_nodes
+    )
+
+
 def random_configs(count: int, seed: int) -> list[tuple[int, ...]]:
   """``count`` valid ``(layers, experts, num_replicas, num_groups, num_nodes, num_gpus)``.
 

@@ -110,7 +110,7 @@ def test_plan_builtin_example(capsys):
   assert cli.main(["plan"]) == 0
   out = capsys.readouterr().out
   assert f"eplb-jax plan: {cli.DEFAULT_SHAPE}" in out
-  assert "policy        hierarchical, mode refined" in out
+  assert "policy        hierarchical, mode gpu_aware" in out
   before, after = map(
     float, re.search(r"balancedness  (\S+) before .* -> (\S+) after", out).groups()
   )

@@ -6,6 +6,7 @@ import chex
 import numpy as np
 import pytest
 from conftest import CONFIGS
+from conftest import check_hierarchy
 from conftest import loads
 
 import eplb_jax
@@ -16,24 +17,6 @@ MODES = ("greedy", "refined")
 
 
 LOAD_KINDS = ("skewed", "tied", "one-hot", "zero")
-
-
-def _check_hierarchy(phy2log, num_experts, num_replicas, num_groups, num_nodes) -> None:
-  """Each group's experts, and all their replicas, live on one node; nodes get equal groups."""
-  phy2log = np.asarray(phy2log)
-  num_layers, _ = phy2log.shape
-  node_of_slot = np.arange(num_replicas) // (num_replicas // num_nodes)
-  for layer in range(num_layers):
-    experts = phy2log[layer]
-    node_of_expert = np.full(num_experts, -1)
-    node_of_expert[experts] = node_of_slot
-    # All replicas of an expert sit on the node that the scatter kept.
-    np.testing.assert_array_equal(node_of_expert[experts], node_of_slot)
-    by_group = node_of_expert.reshape(num_groups, -1)
-    assert np.all(by_group == by_group[:, :1]), f"layer {layer}: groups split over nodes"
-    np.testing.assert_array_equal(
-      np.bincount(by_group[:, 0], minlength=num_nodes), num_groups // num_nodes
-    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -48,7 +31,7 @@ def test_valid_placement(config, mode, assert_valid_placement):
       try:
         assert_valid_placement(phy2log, log2phy, logcnt, num_experts, num_replicas, num_layers)
         if num_groups % num_nodes == 0:
-          _check_hierarchy(phy2log, num_experts, num_replicas, num_groups, num_nodes)
+          check_hierarchy(phy2log, num_experts, num_replicas, num_groups, num_nodes)
       except AssertionError as error:
         raise AssertionError(f"{kind} loads, seed {seed}") from error
 

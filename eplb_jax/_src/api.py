@@ -22,6 +22,7 @@ from eplb_jax._src import packing
 from eplb_jax._src import placement
 from eplb_jax._src import replication
 from eplb_jax._src import sharding
+from eplb_jax._src.modes import DEFAULT_MODE
 from eplb_jax._src.modes import Mode
 from eplb_jax._src.modes import check_mode
 from eplb_jax._src.placement import Placement
@@ -120,7 +121,7 @@ def rebalance(
   weight: jax.typing.ArrayLike,
   topology: Topology,
   *,
-  mode: str | Mode = "refined",
+  mode: str | Mode = DEFAULT_MODE,
   previous_phy2log: jax.typing.ArrayLike | None = None,
   tolerance: jax.typing.ArrayLike = DEFAULT_TOLERANCE,
   mesh: Mesh | None = None,
@@ -140,8 +141,10 @@ def rebalance(
       (for a recency-weighted sum, reduce it first with
       :func:`eplb_jax.runtime.stats.decayed_load`).
     topology: slots, expert groups, nodes and GPUs.
-    mode: ``"refined"`` (default), ``"greedy"`` (DeepSeek's placement
-      exactly), or a :class:`Refined` / :class:`Greedy` instance.
+    mode: ``"gpu_aware"`` (default: replica counts chosen for the heaviest
+      GPU, never heavier than greedy's, see :class:`GpuAware`), ``"refined"``
+      (DeepSeek's counts, a better packing; faster), ``"greedy"``
+      (DeepSeek's placement exactly), or a mode instance.
     previous_phy2log: optional ``[L, P]`` placement in service (-1 marks an
       empty slot). When given, the result keeps replicas where they are as
       far as it can while every layer's heaviest GPU stays within
@@ -185,7 +188,7 @@ def rebalance_experts(
   num_nodes: int,
   num_gpus: int,
   *,
-  mode: str | Mode = "refined",
+  mode: str | Mode = DEFAULT_MODE,
   previous_phy2log: jax.typing.ArrayLike | None = None,
   mesh: Mesh | None = None,
   layer_axis: sharding.AxisName | None = None,
@@ -205,8 +208,10 @@ def rebalance_experts(
     num_groups: expert groups (the hierarchical path needs ``E % num_groups == 0``).
     num_nodes: server nodes; ``num_gpus`` must be a multiple of it.
     num_gpus: GPUs in total.
-    mode: ``"refined"`` (default), ``"greedy"`` (DeepSeek's placement
-      exactly), or a :class:`Refined` / :class:`Greedy` instance.
+    mode: ``"gpu_aware"`` (default: replica counts chosen for the heaviest
+      GPU, never heavier than greedy's, see :class:`GpuAware`), ``"refined"``
+      (DeepSeek's counts, a better packing; faster), ``"greedy"``
+      (DeepSeek's placement exactly), or a mode instance.
     previous_phy2log: optional ``[L, P]`` placement in service (-1 marks an
       empty slot). When given, the result keeps replicas where they are as
       far as it can while every layer's heaviest GPU stays within 0.1% of a
@@ -241,7 +246,7 @@ def rebalance_with_previous(
   num_gpus: int,
   previous_phy2log: jax.typing.ArrayLike,
   *,
-  mode: str | Mode = "refined",
+  mode: str | Mode = DEFAULT_MODE,
   tolerance: jax.typing.ArrayLike = DEFAULT_TOLERANCE,
 ) -> Placement:
   """:func:`rebalance_experts`, moving few replicas away from ``previous_phy2log``.
@@ -291,7 +296,7 @@ def rebalance_experts_hierarchical(
   num_nodes: int,
   num_gpus: int,
   *,
-  mode: str | Mode = "refined",
+  mode: str | Mode = DEFAULT_MODE,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Hierarchical placement: groups onto nodes, then replicas onto GPUs (DeepSeek's).
 
@@ -303,7 +308,8 @@ def rebalance_experts_hierarchical(
     num_groups: expert groups; must divide ``E`` and be a multiple of ``num_nodes``.
     num_nodes: server nodes (fast intra-node links); must divide ``num_gpus``.
     num_gpus: GPUs in total.
-    mode: ``"greedy"`` (DeepSeek's placement), ``"refined"``, or a mode instance.
+    mode: ``"gpu_aware"`` (default), ``"refined"``, ``"greedy"`` (DeepSeek's
+      placement), or a mode instance.
 
   Returns:
     ``(phy2log, phyrank, logcnt)``, int32: ``phy2log [L, P]`` the expert in each
@@ -364,7 +370,8 @@ def balanced_packing(
     weight: ``[X, n]`` weight of each item; each row is packed independently.
     num_packs: number of packs; must divide ``n``.
     mode: ``"greedy"`` (DeepSeek's packing, exactly), ``"refined"``
-      (balanced differencing plus swap refinement), or a mode instance.
+      (balanced differencing plus swap refinement), or a mode instance
+      (``"gpu_aware"`` packs as ``"refined"``: there are no counts to choose).
 
   Returns:
     ``(pack_index, rank_in_pack)``, int32 ``[X, n]``: the pack of each item and

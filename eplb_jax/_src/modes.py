@@ -1,9 +1,10 @@
-"""Placement modes: how replicas are packed, as small hashable config values.
+"""Placement modes: how replica counts are chosen and replicas packed, as hashable config values.
 
 A mode is passed as a static argument through the jitted core, so its fields
 are plain Python values and two equal modes share one compiled program.
-``mode="greedy"`` and ``mode="refined"`` name the defaults of :class:`Greedy`
-and :class:`Refined`; an instance sets the knobs.
+``mode="gpu_aware"`` (the default), ``mode="refined"`` and ``mode="greedy"``
+name the defaults of :class:`GpuAware`, :class:`Refined` and :class:`Greedy`;
+an instance sets the knobs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ class Greedy:
 
 @dataclasses.dataclass(frozen=True)
 class Refined:
-  """Balanced differencing start plus swap refinement (the default).
+  """DeepSeek's replica counts; balanced differencing start plus swap refinement.
+
+  The fast variant of :class:`GpuAware`: the same counts as :class:`Greedy`
+  (water-filling), a better packing of them.
 
   Attributes:
     max_steps: the most steps of a packing's swap refinement (the bound of
@@ -58,16 +62,80 @@ class Refined:
       )
 
 
-Mode = Greedy | Refined
-MODES = {"greedy": Greedy(), "refined": Refined()}
+@dataclasses.dataclass(frozen=True)
+class GpuAware:
+  """Replica counts chosen for the heaviest GPU, not the heaviest replica (the default).
+
+  A step takes as long as its most loaded GPU. Water-filling (DeepSeek's
+  counts) minimises the largest *replica*; on skewed loads that can leave a
+  hot expert with a count that does not tile the GPUs (5 + 5 replicas on 8
+  GPUs puts two replicas on two GPUs, where 4 + 4 would not). So each packing
+  domain (a node of a layer on the hierarchical policy, a layer on the
+  global one), with ``R`` spare slots, tries a few counts and keeps the one
+  whose packing has the lightest heaviest GPU:
+
+  1. candidate ``j``, for ``j`` in ``{0, 1, 2, 3}`` and the powers of two up
+     to ``ceil(R / 2)``: the first ``R - j`` replicas of the water-filling,
+     then one more replica for each of the ``j`` heaviest experts that still
+     have one (``j = 0`` is DeepSeek's counts; more candidates gain little:
+     the best ``j`` is small where ``R`` is);
+  2. every candidate is packed by balanced differencing, the one with the
+     lightest heaviest GPU kept (ties to the smaller ``j``) and refined by
+     swaps as :class:`Refined` does (``refined``);
+  3. DeepSeek's greedy packing of DeepSeek's counts is also a candidate,
+     refined by single-head swaps (the heaviest GPU's best exchange with
+     any other) for ``greedy_steps`` steps without spare slots,
+     ``greedy_steps_spare`` with spare slots on the global policy, none
+     with spare slots on the hierarchical policy; the lighter of (2) and
+     (3) is kept (ties to (2));
+  4. on the hierarchical policy with more than two groups per node, the
+     expert groups are packed onto nodes three ways (greedy, refined, and
+     greedy refined by single-head swaps), each runs 1-3, and each layer
+     keeps the one with the lightest heaviest GPU (ties to greedy's);
+  5. two replicas of one expert share a GPU only when no exchange of one of
+     them with a replica of another expert, on a GPU of the domain that
+     holds neither, keeps both GPUs at or under the domain's heaviest.
+
+  Properties, by construction: every layer's heaviest GPU is at most that
+  of :class:`Greedy` (DeepSeek's placement is among the candidates and no
+  step raises a heaviest GPU), with or without spare slots; and (5) holds.
+
+  Attributes:
+    refined: the differencing and swap refinement of the kept candidate
+      (and of the refined group packing).
+    greedy_steps: single-head swap steps for greedy's packing in a domain
+      without spare slots (where the counts are fixed and the packing is
+      the only lever), and for greedy's groups-to-nodes packing (4).
+    greedy_steps_spare: the same in a domain with spare slots on the global
+      policy.
+  """
+
+  refined: Refined = Refined()
+  greedy_steps: int = 50
+  greedy_steps_spare: int = 16
+
+  name = "gpu_aware"
+
+  def __post_init__(self):
+    if not isinstance(self.refined, Refined):
+      raise ValueError(f"refined must be a Refined instance, got {self.refined!r}")
+    for name in ("greedy_steps", "greedy_steps_spare"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+Mode = Greedy | Refined | GpuAware
+MODES = {"gpu_aware": GpuAware(), "refined": Refined(), "greedy": Greedy()}
+DEFAULT_MODE = "gpu_aware"
 
 
 def check_mode(mode: object) -> Mode:
   """Returns the mode named or given by ``mode``, or raises ``ValueError``."""
-  if isinstance(mode, Greedy | Refined):
+  if isinstance(mode, Greedy | Refined | GpuAware):
     return mode
   if isinstance(mode, str) and mode in MODES:
     return MODES[mode]
   raise ValueError(
-    f"mode must be one of {tuple(MODES)} or a Greedy or Refined instance, got {mode!r}"
+    f"mode must be one of {tuple(MODES)} or a GpuAware, Refined or Greedy instance, got {mode!r}"
   )

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from eplb_jax._src import ops
 from eplb_jax._src import swap
+from eplb_jax._src.modes import GpuAware
 from eplb_jax._src.modes import Greedy
 from eplb_jax._src.modes import Mode
 from eplb_jax._src.modes import Refined
@@ -128,33 +129,45 @@ def _refine_rows(weight: jax.Array, slots: jax.Array, max_steps: int, mode: Refi
   return jax.vmap(refine)(weight, slots)
 
 
-def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int, mode: Refined):
-  """Differencing plus swap refinement of ``weight [X, n]``, as ``slots [X, m, g]``.
+def refine_rows(
+  weight: jax.Array, slots: jax.Array, heaviest: jax.Array, rows_per_layer: int, mode: Refined
+) -> jax.Array:
+  """Swap refinement of the packings ``slots [X, m, g]`` of ``weight [X, n]``.
 
-  Of each layer's ``rows_per_layer`` rows, the ``mode.rows_per_layer`` with
-  the heaviest packs after differencing take ``mode.first_round_steps``
-  steps; then the one of them with the heaviest pack takes the rest of
-  ``mode.max_steps``: a layer's heaviest pack sets its balance.
+  ``heaviest [X]`` is each row's heaviest pack load. Of each layer's
+  ``rows_per_layer`` rows, the ``mode.rows_per_layer`` with the heaviest
+  packs take ``mode.first_round_steps`` steps; then the one of them with the
+  heaviest pack takes the rest of ``mode.max_steps``: a layer's heaviest pack
+  sets its balance.
   """
-  slots, start_loads = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
-  if weight.shape[1] <= 2 * num_packs:
-    # Two items per pack: differencing pairs the i-th heaviest item with the
-    # i-th lightest, which minimises the heaviest pack; nothing to refine.
-    return slots
   if rows_per_layer <= mode.rows_per_layer:
     return _refine_rows(weight, slots, mode.max_steps, mode)
-  chosen = rows_to_refine(start_loads.max(axis=1), rows_per_layer, mode.rows_per_layer)
+  chosen = rows_to_refine(heaviest, rows_per_layer, mode.rows_per_layer)
   chosen_weight = weight[chosen]
   refined = _refine_rows(chosen_weight, slots[chosen], mode.first_round_steps, mode)
   steps = mode.max_steps - mode.first_round_steps
   if steps == 0:
     return slots.at[chosen].set(refined)
   # Of each layer's refined rows, the one with the heaviest pack continues.
-  heaviest = jax.vmap(lambda w, s: ops.sum_last(w[s]).max())(chosen_weight, refined)
-  per_layer = heaviest.reshape(-1, mode.rows_per_layer)
+  per_layer = heaviest_pack(chosen_weight, refined).reshape(-1, mode.rows_per_layer)
   again = ops.argmax_first(per_layer) + jnp.arange(0, chosen.shape[0], mode.rows_per_layer)
   refined = refined.at[again].set(_refine_rows(chosen_weight[again], refined[again], steps, mode))
   return slots.at[chosen].set(refined)
+
+
+def heaviest_pack(weight: jax.Array, slots: jax.Array) -> jax.Array:
+  """``[X]``: the heaviest pack load of each packing ``slots [X, m, g]`` of ``weight [X, n]``."""
+  return jax.vmap(lambda w, s: ops.sum_last(w[s]).max())(weight, slots)
+
+
+def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int, mode: Refined):
+  """Differencing plus swap refinement (:func:`refine_rows`) of ``weight [X, n]``: ``[X, m, g]``."""
+  slots, start_loads = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
+  if weight.shape[1] <= 2 * num_packs:
+    # Two items per pack: differencing pairs the i-th heaviest item with the
+    # i-th lightest, which minimises the heaviest pack; nothing to refine.
+    return slots
+  return refine_rows(weight, slots, start_loads.max(axis=1), rows_per_layer, mode)
 
 
 def pack_slots(
@@ -173,4 +186,6 @@ def pack_slots(
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (rows, n, 1))
   if isinstance(mode, Greedy):
     return jax.vmap(functools.partial(greedy_slots, num_packs=num_packs))(weight)
+  if isinstance(mode, GpuAware):  # no counts to choose here: its packing is the refined one
+    mode = mode.refined
   return _refined_rows(weight, num_packs, rows_per_layer, mode)

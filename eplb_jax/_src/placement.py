@@ -12,14 +12,20 @@ use ``L`` layers, ``E`` logical experts, ``P`` physical slots.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from eplb_jax._src import counts
+from eplb_jax._src import duplicates
 from eplb_jax._src import ops
 from eplb_jax._src import packing
 from eplb_jax._src import replication
+from eplb_jax._src import swap
+from eplb_jax._src.modes import GpuAware
+from eplb_jax._src.modes import Greedy
 from eplb_jax._src.modes import Mode
 from eplb_jax._src.problem import PackingProblem
 from eplb_jax._src.topology import Topology
@@ -72,19 +78,115 @@ def _take(values: jax.Array, indices: jax.Array) -> jax.Array:
   return jnp.take_along_axis(values, indices, axis=-1)
 
 
-def _groups_to_nodes(weight: jax.Array, topology: Topology, mode: Mode) -> jax.Array:
-  """``mlog2log [L, E]``: experts numbered node by node after packing groups onto nodes.
+def _group_nodes(weight: jax.Array, topology: Topology, mode: Mode) -> jax.Array:
+  """``mgroup2group [L, num_groups]``: expert groups packed onto nodes, node by node."""
+  num_layers, num_logical = weight.shape
+  group_size = num_logical // topology.num_groups
+  group_load = ops.sum_last(weight.reshape(num_layers, topology.num_groups, group_size))
+  problem = PackingProblem.distinct(group_load)
+  return packing.pack_slots(problem, topology.num_nodes, mode).reshape(num_layers, -1)
+
+
+def _node_major(mgroup2group: jax.Array, num_logical: int) -> jax.Array:
+  """``mlog2log [L, E]``: experts numbered node by node, given the groups of each node.
 
   Each node owns a contiguous range of ``E / num_nodes`` experts ("node-major
   logical" numbers), its groups in the order the packing lists them.
   """
+  num_layers, num_groups = mgroup2group.shape
+  group_size = num_logical // num_groups
+  within = jnp.arange(group_size, dtype=jnp.int32)
+  return ((mgroup2group * group_size)[..., None] + within).reshape(num_layers, num_logical)
+
+
+def _group_candidates(weight: jax.Array, topology: Topology, mode: GpuAware) -> jax.Array:
+  """``mgroup2group [C, L, num_groups]``: the groups-to-nodes packings GPU-aware mode tries.
+
+  Greedy's always (first, so that ties keep it); with more than two groups
+  per node, where the pairing of groups is no longer obviously optimal, also
+  the refined packing and greedy's refined by single-head swaps.
+  """
+  greedy = _group_nodes(weight, topology, Greedy())
+  if topology.num_groups <= 2 * topology.num_nodes:
+    return greedy[None]
+  refined = _group_nodes(weight, topology, mode.refined)
   num_layers, num_logical = weight.shape
   group_size = num_logical // topology.num_groups
-  within = jnp.arange(group_size, dtype=jnp.int32)
   group_load = ops.sum_last(weight.reshape(num_layers, topology.num_groups, group_size))
-  problem = PackingProblem.distinct(group_load)
-  mgroup2group = packing.pack_slots(problem, topology.num_nodes, mode).reshape(num_layers, -1)
-  return ((mgroup2group * group_size)[..., None] + within).reshape(num_layers, num_logical)
+  refine = functools.partial(
+    swap.refine_slots, max_steps=mode.greedy_steps, packs_per_group=topology.num_nodes
+  )
+  slots = greedy.reshape(num_layers, topology.num_nodes, -1)
+  swapped = jax.vmap(refine)(group_load, slots).reshape(num_layers, -1)
+  return jnp.stack([greedy, refined, swapped])
+
+
+def _assemble(
+  mlog2log: jax.Array,
+  phy2mlog: jax.Array,
+  phyrank: jax.Array,
+  mlogcnt: jax.Array,
+  gpu_slots: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The maps of the packed domains: ``(phy2log [L, P], phyrank [L, P], logcnt [L, E])``.
+
+  Takes the node-major numbering ``mlog2log [L, E]`` and, per (layer, node)
+  row, the expert of each replica ``phy2mlog [X, S]`` (node-local numbers),
+  its rank ``phyrank [X, S]``, the counts ``mlogcnt [X, n]`` and the
+  replicas of each GPU ``gpu_slots [X, G, k]``.
+  """
+  num_layers, num_logical = mlog2log.shape
+  num_nodes = phy2mlog.shape[0] // num_layers
+  experts_per_node = num_logical // num_nodes
+  log2mlog = ops.inverse_permutation(mlog2log)
+  pphy2phy = gpu_slots.reshape(phy2mlog.shape)
+  node_offset = jnp.arange(0, num_logical, experts_per_node, dtype=jnp.int32)
+  pphy2mlog = _take(phy2mlog, pphy2phy).reshape(num_layers, num_nodes, -1)
+  pphy2mlog = (pphy2mlog + node_offset[:, None]).reshape(num_layers, -1)
+  pphy2log = _take(mlog2log, pphy2mlog)
+  pphyrank = _take(phyrank, pphy2phy).reshape(num_layers, -1)
+  logcnt = _take(mlogcnt.reshape(num_layers, -1), log2mlog)
+  return pphy2log, pphyrank, logcnt
+
+
+def _gpu_aware_rows(
+  weight: jax.Array, topology: Topology, mode: GpuAware
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:func:`place_rows` in GPU-aware mode (:class:`GpuAware` documents the rule)."""
+  num_layers, num_logical = weight.shape
+  num_nodes = topology.num_nodes
+  experts_per_node = num_logical // num_nodes
+  slots_per_node = topology.slots_per_node
+  if slots_per_node == experts_per_node:
+    greedy_steps = mode.greedy_steps
+  else:
+    greedy_steps = mode.greedy_steps_spare if num_nodes == 1 else 0
+
+  # Every groups-to-nodes candidate runs as one batch of (candidate, layer, node) rows.
+  candidates = _group_candidates(weight, topology, mode)
+  num_candidates = candidates.shape[0]
+  mlog2log = _node_major(candidates.reshape(-1, topology.num_groups), num_logical)
+  mlog_load = _take(jnp.tile(weight, (num_candidates, 1)), mlog2log).reshape(-1, experts_per_node)
+  domains = counts.domain_rows(
+    mlog_load, slots_per_node, topology.gpus_per_node, num_nodes, mode, greedy_steps
+  )
+  if num_candidates > 1:
+    # Per layer, the candidate with the lightest heaviest GPU (ties: greedy's).
+    heaviest = domains.heaviest.reshape(num_candidates, num_layers, num_nodes).max(axis=2)
+    best = ops.argmin_first(heaviest.T)  # [L]
+    layer = jnp.arange(num_layers)
+
+    def choose(x):
+      x = x.reshape(num_candidates, num_layers, -1, *x.shape[1:])[best, layer]
+      return x.reshape(-1, *x.shape[2:])
+
+    domains = jax.tree.map(choose, domains)
+    mlog2log = mlog2log.reshape(num_candidates, num_layers, -1)[best, layer]
+  gpu_slots = domains.slots
+  if gpu_slots.shape[-1] > 1:
+    problem = PackingProblem(domains.load, domains.expert)
+    gpu_slots = jax.vmap(duplicates.separate)(problem, gpu_slots)
+  return _assemble(mlog2log, domains.expert, domains.rank, domains.count, gpu_slots)
 
 
 def place_rows(
@@ -95,37 +197,29 @@ def place_rows(
   Args:
     weight: ``[L, E]`` float32 loads, sanitised (finite, non-negative).
     topology: the slots, groups, nodes and GPUs; ``E`` must suit it.
-    mode: the packing mode.
+    mode: the placement mode.
 
   Returns:
     ``(phy2log [L, P], phyrank [L, P], logcnt [L, E])``, int32: the expert of
     each slot (slots numbered GPU by GPU), each slot's replica index within
     its expert, and the replicas of each expert.
   """
-  num_layers, num_logical = weight.shape
-  num_nodes = topology.num_nodes
-  experts_per_node = num_logical // num_nodes
+  if isinstance(mode, GpuAware):
+    return _gpu_aware_rows(weight, topology, mode)
+  num_logical = weight.shape[1]
+  experts_per_node = num_logical // topology.num_nodes
 
   # 1. Groups -> nodes. 2. Replicas within each node; rows are (layer, node)
   # pairs from here on.
-  mlog2log = _groups_to_nodes(weight, topology, mode)
-  log2mlog = ops.inverse_permutation(mlog2log)
+  mlog2log = _node_major(_group_nodes(weight, topology, mode), num_logical)
   mlog_load = _take(weight, mlog2log).reshape(-1, experts_per_node)
   phy2mlog, phyrank, mlogcnt = replication.replicate_rows(mlog_load, topology.slots_per_node)
 
-  # 3. Replicas -> GPUs of their node; pphy numbers slots GPU by GPU.
+  # 3. Replicas -> GPUs of their node.
   replica_load = _take(mlog_load / mlogcnt, phy2mlog)
   problem = PackingProblem(replica_load, phy2mlog)
-  gpu_slots = packing.pack_slots(problem, topology.gpus_per_node, mode, num_nodes)
-  pphy2phy = gpu_slots.reshape(replica_load.shape)
-
-  node_offset = jnp.arange(0, num_logical, experts_per_node, dtype=jnp.int32)
-  pphy2mlog = _take(phy2mlog, pphy2phy).reshape(num_layers, num_nodes, -1)
-  pphy2mlog = (pphy2mlog + node_offset[:, None]).reshape(num_layers, -1)
-  pphy2log = _take(mlog2log, pphy2mlog)
-  pphyrank = _take(phyrank, pphy2phy).reshape(num_layers, -1)
-  logcnt = _take(mlogcnt.reshape(num_layers, -1), log2mlog)
-  return pphy2log, pphyrank, logcnt
+  gpu_slots = packing.pack_slots(problem, topology.gpus_per_node, mode, topology.num_nodes)
+  return _assemble(mlog2log, phy2mlog, phyrank, mlogcnt, gpu_slots)
 
 
 def logical_to_physical(phy2log: jax.Array, phyrank: jax.Array, num_logical: int) -> jax.Array:

@@ -113,13 +113,18 @@ def _picks_bisection(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, 
 _CPU_LOOP_MAX_PICKS = 32
 
 
-def _picks(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.Array]:
+def picks(weight: jax.Array, num_redundant: int) -> tuple[jax.Array, jax.Array]:
+  """The water-filling's picks for one row ``[E]``: expert and ``c`` of each, int32 ``[R]``.
+
+  Pick ``i`` gives expert ``expert[i]`` its ``c[i] + 1``-th replica.
+  """
   cpu = _picks_loop if num_redundant <= _CPU_LOOP_MAX_PICKS else _picks_bisection
-  return ops.by_platform(
+  expert, c = ops.by_platform(
     weight,
     cpu=functools.partial(cpu, num_redundant=num_redundant),
     default=functools.partial(_picks_top_k, num_redundant=num_redundant),
   )
+  return expert.astype(jnp.int32), c.astype(jnp.int32)
 
 
 def replicate_rows(weight: jax.Array, num_replicas: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -135,7 +140,7 @@ def replicate_rows(weight: jax.Array, num_replicas: int) -> tuple[jax.Array, jax
   identity = jnp.broadcast_to(jnp.arange(num_log, dtype=jnp.int32), (rows, num_log))
   if num_redundant == 0:
     return identity, jnp.zeros_like(identity), jnp.ones_like(identity)
-  expert, rank = jax.vmap(functools.partial(_picks, num_redundant=num_redundant))(weight)
+  expert, rank = jax.vmap(functools.partial(picks, num_redundant=num_redundant))(weight)
   phy2log = jnp.concatenate([identity, expert], axis=1)
   phyrank = jnp.concatenate([jnp.zeros_like(identity), rank], axis=1)
   logcnt = jnp.ones_like(identity).at[jnp.arange(rows)[:, None], expert].add(1)

@@ -7,8 +7,10 @@ fresh placement's) that moves few replicas, built from two kinds of
 candidates per layer:
 
 * *warm* (:mod:`.warm`): each node keeps the old replicas that are still
-  wanted (replica counts are the fresh placement's) and exchanges replicas
-  between GPUs until every GPU is under the target load;
+  wanted and exchanges replicas between GPUs until every GPU is under the
+  target load. Replica counts are the fresh placement's where the groups sit
+  on the fresh placement's nodes, else the mode's counts rule for the
+  node's experts (:func:`node_counts`);
 * *fresh*: the fresh placement with its nodes and GPUs relabelled
   (:mod:`.relabel`) to overlap the old placement most.
 
@@ -28,16 +30,60 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from eplb_jax._src import counts
 from eplb_jax._src import ops
 from eplb_jax._src import placement
+from eplb_jax._src import replication
 from eplb_jax._src.migration import relabel
 from eplb_jax._src.migration import warm
 from eplb_jax._src.migration.cost import migration_cost
+from eplb_jax._src.modes import GpuAware
 from eplb_jax._src.modes import Mode
 from eplb_jax._src.topology import Topology
 
 # Allowed relative excess of the heaviest GPU over a fresh placement's.
 DEFAULT_TOLERANCE = 1e-3
+
+
+def node_counts(
+  weight: jax.Array, group_node: jax.Array, domains: Topology, mode: Mode
+) -> jax.Array:
+  """``count [L, E]``: the mode's counts with the groups on nodes ``group_node [L, num_groups]``.
+
+  GPU-aware mode: the candidate whose differencing packing is lightest
+  (:func:`.counts.choose_counts`); the others: water-filling.
+  """
+  num_layers, num_logical = weight.shape
+  log2mlog = warm.node_major(group_node, num_logical, domains.num_nodes)
+  mlog2log = ops.inverse_permutation(log2mlog)
+  mlog_load = jnp.take_along_axis(weight, mlog2log, -1).reshape(num_layers * domains.num_nodes, -1)
+  if isinstance(mode, GpuAware):
+    count = counts.choose_counts(mlog_load, domains.slots_per_node, domains.gpus_per_node)
+  else:
+    _, _, count = replication.replicate_rows(mlog_load, domains.slots_per_node)
+  return jnp.take_along_axis(count.reshape(num_layers, num_logical), log2mlog, -1)
+
+
+def _old_counts_where_they_fit(
+  old: jax.Array, count: jax.Array, group_node: jax.Array, domains: Topology
+) -> jax.Array:
+  """``count [L, E]`` with the old placement's counts on every node where they form a placement.
+
+  They do on a node (groups on nodes as ``group_node [L, num_groups]``)
+  when each of its experts has a replica in ``old [L, P]`` and they have
+  the node's slots in total; keeping them keeps the most replicas.
+  """
+  num_layers, num_logical = count.shape
+  rows = jnp.arange(num_layers)[:, None]
+  old_count = (
+    jnp.zeros_like(count).at[rows, jnp.where(old >= 0, old, num_logical)].add(1, mode="drop")
+  )
+  node = jnp.repeat(group_node, num_logical // domains.num_groups, axis=1)  # [L, E]
+  per_node = jnp.zeros((num_layers, domains.num_nodes), jnp.int32)
+  fits = (per_node.at[rows, node].add(old_count) == domains.slots_per_node) & (
+    per_node.at[rows, node].add(old_count == 0) == 0
+  )
+  return jnp.where(jnp.take_along_axis(fits, node, axis=1), old_count, count)
 
 
 def migrate(
@@ -79,31 +125,37 @@ def migrate(
   fresh_nodes = relabel_nodes(old_gpus, fresh_nodes.reshape(old_gpus.shape))
   fresh_nodes = fresh_nodes.reshape(num_layers, num_nodes, domains.slots_per_node)
 
-  # The warm candidates (fresh and, with several nodes, old groups-to-nodes
-  # assignments) run as one batch of layers, compiled once.
-  assignments = [group_node]
+  # Two warm candidates, run as one batch of layers: the fresh groups-to-nodes
+  # assignment with the fresh counts, and a second one that keeps more: with
+  # several nodes the old assignment, else the fresh one; with the old
+  # counts on every node they fit, the mode's counts on the others.
+  second = group_node
   if num_nodes > 1:
     kept_node = jax.vmap(functools.partial(relabel.greedy_assign, capacity=num_groups // num_nodes))
-    assignments.append(kept_node(overlap))
-  copies = len(assignments)
+    second = kept_node(overlap)
+  second_count = _old_counts_where_they_fit(
+    old, node_counts(weight, second, domains, mode), second, domains
+  )
   candidate, candidate_max = warm.warm_candidate(
-    jnp.tile(weight, (copies, 1)),
-    jnp.tile(old, (copies, 1)),
-    jnp.concatenate(assignments),
-    jnp.tile(target, copies),
-    num_replicas,
+    jnp.tile(weight, (2, 1)),
+    jnp.concatenate([fresh_count, second_count]),
+    jnp.tile(old, (2, 1)),
+    jnp.concatenate([group_node, second]),
+    jnp.tile(target, 2),
     num_nodes,
     num_gpus,
   )
+  # The first, node by node where it meets the target, else the fresh
+  # placement relabelled; the second where all its nodes meet the target
+  # and it moves fewer replicas.
   use_warm = candidate_max[:num_layers] <= target[:, None]
   phy2log = jnp.where(use_warm[..., None], candidate[:num_layers], fresh_nodes)
   phy2log = phy2log.reshape(num_layers, num_replicas)
-  if num_nodes > 1:
-    stay = candidate[num_layers:].reshape(num_layers, num_replicas)
-    better = (candidate_max[num_layers:] <= target[:, None]).all(-1) & (
-      migration_cost(old, stay, num_gpus)[0] < migration_cost(old, phy2log, num_gpus)[0]
-    )
-    phy2log = jnp.where(better[:, None], stay, phy2log)
+  stay = candidate[num_layers:].reshape(num_layers, num_replicas)
+  better = (candidate_max[num_layers:] <= target[:, None]).all(-1) & (
+    migration_cost(old, stay, num_gpus)[0] < migration_cost(old, phy2log, num_gpus)[0]
+  )
+  phy2log = jnp.where(better[:, None], stay, phy2log)
 
   phy2log = jax.vmap(jax.vmap(relabel.align_slots))(
     old.reshape(num_layers, num_gpus, -1), phy2log.reshape(num_layers, num_gpus, -1)

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from eplb_jax._src import ops
-from eplb_jax._src import replication
 from eplb_jax._src import swap
 
 
@@ -167,14 +166,17 @@ def node_major(group_node: jax.Array, num_logical: int, num_nodes: int) -> jax.A
 
 def warm_candidate(
   weight: jax.Array,
+  count: jax.Array,
   old: jax.Array,
   group_node: jax.Array,
   target: jax.Array,
-  num_replicas: int,
   num_nodes: int,
   num_gpus: int,
 ) -> tuple[jax.Array, jax.Array]:
   """Warm placement for a groups-to-nodes assignment ``group_node [L, num_groups]``.
+
+  ``count [L, E]`` holds the replicas wanted of each expert; the experts of
+  each node must want the node's slots in total.
 
   Returns ``(phy2log [L, N, P / N], max_load [L, N])`` per node.
   """
@@ -183,7 +185,7 @@ def warm_candidate(
   log2mlog = node_major(group_node, num_logical, num_nodes)
   mlog2log = ops.inverse_permutation(log2mlog)
   mlog_load = jnp.take_along_axis(weight, mlog2log, -1).reshape(-1, experts_per_node)
-  _, _, count = replication.replicate_rows(mlog_load, num_replicas // num_nodes)
+  count = jnp.take_along_axis(count, mlog2log, -1).reshape(-1, experts_per_node)
   offset = (jnp.arange(num_nodes, dtype=jnp.int32) * experts_per_node)[:, None]
   old_mlog = jnp.take_along_axis(log2mlog, jnp.maximum(old, 0), -1)
   local = old_mlog.reshape(num_layers, num_nodes, -1) - offset
