@@ -103,7 +103,7 @@ def test_plan_global_policy_defaults_to_one_group_and_node(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "groups 1, nodes 1, GPUs 4" in out
   # One group on one node: the help's "global policy" (Topology.policy).
-  assert "policy        global, mode refined" in out
+  assert "policy        global, mode gpu_aware" in out
 
 
 def test_plan_builtin_example(capsys):

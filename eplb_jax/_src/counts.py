@@ -67,19 +67,20 @@ def candidate_counts(weight: jax.Array, num_slots: int, js: tuple[int, ...]):
   filled = filled.at[candidate, jnp.broadcast_to(picks, kept.shape)].add(kept.astype(jnp.int32))
   # The j heaviest experts with one replica are among the R heaviest experts
   # (at most R - j experts have more), so only those are scanned.
-  heaviest = ops.argsort_descending(weight, exact=False)[:num_spare]  # [R]
-  heaviest_j = jnp.broadcast_to(heaviest, kept.shape)
-  single = jnp.take_along_axis(filled, heaviest_j, axis=1) == 1  # [J, R]
+  scanned = min(num_spare, n)
+  heaviest = ops.argsort_descending(weight, exact=False)[:scanned]
+  heaviest_j = jnp.broadcast_to(heaviest, (num_js, scanned))
+  single = jnp.take_along_axis(filled, heaviest_j, axis=1) == 1  # [J, scanned]
   single_rank = jnp.cumsum(single, axis=1) - 1
   given = single & (single_rank < j)
   enough = given.sum(axis=1) == j[:, 0]
   # Extra slots: the kept picks in pick order, then the given experts.
   destination = jnp.where(given, num_spare - j + single_rank, num_spare)
   given_expert = jnp.zeros(kept.shape, jnp.int32)
-  given_expert = given_expert.at[candidate, destination].set(heaviest_j, mode="drop")
+  given_expert = given_expert.at[candidate[:, :scanned], destination].set(heaviest_j, mode="drop")
   extra = jnp.where(kept, picks, given_expert)
   rank = jnp.where(kept, pick_rank, 1)
-  counts = filled.at[candidate, heaviest_j].add(given.astype(jnp.int32))
+  counts = filled.at[candidate[:, :scanned], heaviest_j].add(given.astype(jnp.int32))
 
   def or_water_filling(x):
     return jnp.where(enough[:, None], x, x[0])

@@ -30,7 +30,7 @@ that entry point in its ``pyproject.toml``::
   eplb_jax = "eplb_jax.contrib.vllm:plugin"
 
 so installing eplb-jax next to vLLM is enough; then run vLLM with
-``EPLB_JAX_VLLM=refined`` (or ``greedy``) in the environment, together
+``EPLB_JAX_VLLM=gpu_aware`` (or another mode: ``refined``, ``greedy``) in the environment, together
 with ``--enable-eplb`` and the usual ``--eplb-config '{"window_size": ..., "step_interval": ...,
 "num_redundant_experts": ...}'``. Without ``EPLB_JAX_VLLM`` the plugin only
 adds the policy under the name ``"eplb_jax"`` and changes nothing. In a
@@ -60,12 +60,13 @@ import jax
 import numpy as np
 
 import eplb_jax
+from eplb_jax._src import modes
 
 if TYPE_CHECKING:
   import torch
 
 POLICY_NAME = "eplb_jax"
-MODES = ("refined", "greedy")
+MODES = tuple(modes.MODES)
 # Environment variable read by :func:`plugin`: a mode installs eplb_jax as vLLM's default policy.
 ENV_MODE = "EPLB_JAX_VLLM"
 
@@ -78,15 +79,15 @@ class EplbJaxPolicy:
   attributes.
 
   Attributes:
-    mode: eplb_jax's packing mode, ``"refined"`` (default) or ``"greedy"``
-      (DeepSeek's placement, the algorithm of vLLM's default policy).
+    mode: eplb_jax's mode, ``"gpu_aware"`` (default), ``"refined"`` or
+      ``"greedy"`` (DeepSeek's placement, the algorithm of vLLM's default policy).
     return_maps: return ``(phy2log, log2phy, logcnt)`` instead of ``phy2log``
       alone, for vLLM releases whose policies return the three maps (the
       abstract policy of v0.13 and v0.14 does); :func:`register` sets it from
       the installed vLLM.
   """
 
-  mode: str = "refined"
+  mode: str = modes.DEFAULT_MODE
   return_maps: bool = False
 
   @classmethod
@@ -153,7 +154,7 @@ def place(
   num_ranks: int,
   old_global_expert_indices: Any = None,
   *,
-  mode: str = "refined",
+  mode: str = modes.DEFAULT_MODE,
 ) -> eplb_jax.Placement:
   """:meth:`EplbJaxPolicy.rebalance_experts` without torch: arrays in, a :class:`Placement` out.
 
@@ -261,7 +262,7 @@ def register(
       selectable there without ``replace_default``.
     replace_default: also install the policy under ``"default"``, which is
       what vLLM then uses (async EPLB included).
-    mode: ``"refined"`` or ``"greedy"``; default the class's, ``"refined"``.
+    mode: one of :data:`MODES`; default the class's, ``"gpu_aware"``.
 
   Returns:
     The registered policy class (a subclass of :class:`EplbJaxPolicy` and of
@@ -289,7 +290,7 @@ def plugin() -> None:
   """Entry point for vLLM's ``vllm.general_plugins`` group (run in every vLLM process).
 
   Registers the policy as ``"eplb_jax"``. When ``EPLB_JAX_VLLM`` is set to a
-  mode (``refined`` or ``greedy``) it also replaces vLLM's default policy,
+  mode (``gpu_aware``, ``refined`` or ``greedy``) it also replaces vLLM's default policy,
   and, unless ``JAX_PLATFORMS`` is set, keeps JAX on the CPU so that it does
   not claim GPU memory in vLLM's processes.
   """

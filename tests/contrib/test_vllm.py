@@ -251,7 +251,7 @@ def test_register_replaces_default_and_follows_return_type(monkeypatch):
   policy = _fake_vllm(monkeypatch, returns_tuple=True)
   registered = vllm_adapter.register(replace_default=True)
   assert policy.EPLB_POLICIES["default"] is registered
-  assert registered.return_maps and registered.mode == "refined"
+  assert registered.return_maps and registered.mode == "gpu_aware"
 
 
 def test_plugin_reads_the_environment(monkeypatch):

@@ -8,7 +8,7 @@ vLLM, so it cannot run here as it is; the cases are restated below, with
 :func:`_logical_maps` in place of vLLM's helper. Differences: the adapter
 raises ``ValueError`` where vLLM's default policy fails an ``assert``, and
 DeepSeek's published placement is expected in ``greedy`` mode (vLLM's default
-policy is DeepSeek's greedy); in ``refined`` mode the same example is checked
+policy is DeepSeek's greedy); in the default mode the same example is checked
 for validity and for balance at least as good.
 """
 
@@ -28,7 +28,7 @@ class GreedyPolicy(vllm_adapter.EplbJaxPolicy):
 
 
 POLICIES = [GreedyPolicy, vllm_adapter.EplbJaxPolicy]
-POLICY_IDS = ["greedy", "refined"]
+POLICY_IDS = ["greedy", "gpu_aware"]
 
 
 def _logical_maps(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
