@@ -22,7 +22,8 @@ import sys
 
 EXPERTS = (256, 1024, 4096, 8192)
 LAYOUTS = ("hierarchical", "global", "two-gpus")
-MODES = ("greedy", "refined", "migration")
+# The placement modes, then the migration-aware call in the default mode.
+MODES = ("greedy", "refined", "gpu_aware", "migration")
 
 
 def sizes(layout: str, num_experts: int) -> tuple[int, int, int, int, int]:

@@ -65,7 +65,8 @@ def assert_sharded_like(outputs, mesh, layer_axis):
 
 
 # (mesh, layer_axis, index into CONFIGS, mode); compilation dominates the run
-# time, so each case compiles one configuration.
+# time, so each case compiles one configuration, and the other checks reuse
+# the refined mode's (how layers are split does not depend on the mode).
 CASES = (
   (lambda: auto_mesh((8,), ("x",)), "x", 0, "refined"),
   (lambda: explicit_mesh((8,), ("x",)), "x", 1, "greedy"),
@@ -108,12 +109,12 @@ def equal_to_unsharded_without_collectives():
 def migration_sharded_like_unsharded():
   mesh = auto_mesh((8,), ("x",))
   sizes = CONFIGS[0]
-  previous = eplb_jax.rebalance_experts(loads(seed=4), *sizes)[0]
+  previous = eplb_jax.rebalance_experts(loads(seed=4), *sizes, mode="refined")[0]
   weight = loads(seed=5)
-  expected = eplb_jax.rebalance_experts(weight, *sizes, previous_phy2log=previous)
+  expected = eplb_jax.rebalance_experts(weight, *sizes, mode="refined", previous_phy2log=previous)
   fn = jax.jit(
     lambda w, p: eplb_jax.rebalance_experts(
-      *(w, *sizes), previous_phy2log=p, mesh=mesh, layer_axis="x"
+      *(w, *sizes), mode="refined", previous_phy2log=p, mesh=mesh, layer_axis="x"
     )
   )
   compiled = fn.lower(weight, previous).compile()
@@ -132,15 +133,16 @@ def no_retrace_with_new_loads():
   @jax.jit
   @chex.assert_max_traces(n=1)
   def fn(w):
-    return eplb_jax.rebalance_experts(w, *sizes, mesh=mesh, layer_axis="x")
+    return eplb_jax.rebalance_experts(w, *sizes, mode="refined", mesh=mesh, layer_axis="x")
 
   for seed in range(3):
     weight = loads(seed=seed)
-    chex.assert_trees_all_equal(fn(weight), eplb_jax.rebalance_experts(weight, *sizes))
+    expected = eplb_jax.rebalance_experts(weight, *sizes, mode="refined")
+    chex.assert_trees_all_equal(fn(weight), expected)
   # Eager calls reuse one compiled program too.
   before = sharding.shard_layers._cache_size()
   for seed in range(3, 6):
-    eplb_jax.rebalance_experts(loads(seed=seed), *sizes, mesh=mesh, layer_axis="x")
+    eplb_jax.rebalance_experts(loads(seed=seed), *sizes, mode="refined", mesh=mesh, layer_axis="x")
   assert sharding.shard_layers._cache_size() <= before + 1
 
 
@@ -150,10 +152,11 @@ def sharded_weight_without_mesh():
   weight = loads(seed=2)
   presharded = jax.device_put(weight, NamedSharding(mesh, P("x")))
   sizes = CONFIGS[0]
-  expected = eplb_jax.rebalance_experts(weight, *sizes)
-  fn = jax.jit(lambda w: eplb_jax.rebalance_experts(w, *sizes))
+  expected = eplb_jax.rebalance_experts(weight, *sizes, mode="refined")
+  fn = jax.jit(lambda w: eplb_jax.rebalance_experts(w, *sizes, mode="refined"))
   chex.assert_trees_all_equal(fn(presharded), expected)
-  chex.assert_trees_all_equal(eplb_jax.rebalance_experts(presharded, *sizes), expected)
+  got = eplb_jax.rebalance_experts(presharded, *sizes, mode="refined")
+  chex.assert_trees_all_equal(got, expected)
 
 
 @check("sharding")

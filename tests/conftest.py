@@ -16,10 +16,28 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 ).strip()
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# The test files run in separate worker processes (pytest-xdist) that compile
+# many of the same programs: share them through JAX's persistent compilation
+# cache, one directory per test run (keyed by the program and the flags).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+_CACHE = os.path.join(tempfile.gettempdir(), f"eplb-jax-tests-{_RUN}")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 from eplb_jax import workloads  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+  if "PYTEST_XDIST_WORKER" not in os.environ:  # the main process, after every worker
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def check_placement(

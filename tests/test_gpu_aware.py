@@ -19,6 +19,7 @@ CONFIGS = {
   "hierarchical": (2, 32, 40, 8, 4, 8),
   "three-groups-per-node": (2, 24, 36, 6, 2, 6),
   "global": (3, 24, 32, 1, 2, 8),
+  "more-spare-slots-than-experts": (2, 4, 80, 2, 2, 4),
   "hierarchical-no-spare": (2, 24, 24, 4, 2, 4),
   "global-no-spare": (2, 24, 24, 1, 2, 8),
 }

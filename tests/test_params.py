@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _sharded_checks import CHECKS
 from _sharded_checks import run_checks
 
 from eplb_jax.runtime import params
@@ -109,6 +110,6 @@ def results() -> dict[str, str]:
   return run_checks("params")
 
 
-@pytest.mark.parametrize("name", ["placement_sharded_over_experts", "bad_expert_axis"])
+@pytest.mark.parametrize("name", CHECKS["params"])
 def test_on_eight_devices(results, name):
   assert results.get(name) == "ok", results.get(name, f"check {name} did not run")

@@ -125,23 +125,26 @@ X64_CONFIG = (2, 4, 80, 2, 2, 4)
 def test_x64():
   """Under ``jax_enable_x64`` the core paths keep their dtypes, and results their values.
 
-  Fresh and runtime results are compared with those of the default mode; the
+  Fresh (refined: its replication and packing are the default mode's building
+  blocks) and runtime results are compared with those without x64; the
   migration-aware placement must be valid.
   """
   num_layers, num_experts, *sizes = X64_CONFIG
   weight = loads("skewed", (num_layers, num_experts), 0)
   ids = np.random.default_rng(0).integers(-1, num_experts + 1, size=(num_layers, 20, 2))
-  fresh = eplb_jax.rebalance_experts(weight, *sizes)
+  fresh = eplb_jax.rebalance_experts(weight, *sizes, mode="refined")
   expected = (fresh, _runtime_outputs(fresh, ids))
   before = jax.config.jax_enable_x64
   jax.config.update("jax_enable_x64", True)
   try:
-    fresh = eplb_jax.rebalance_experts(jnp.asarray(weight, jnp.float64), *sizes)
+    fresh = eplb_jax.rebalance_experts(jnp.asarray(weight, jnp.float64), *sizes, mode="refined")
     got = (fresh, _runtime_outputs(fresh, jnp.asarray(ids, jnp.int64)))
     jax.tree.map(lambda g, w: np.testing.assert_array_equal(g, w), got, expected)
     jax.tree.map(lambda g, w: chex.assert_type(g, w.dtype), got, expected)
     previous = jnp.asarray(fresh.phy2log, jnp.int64)
-    moved = eplb_jax.rebalance_experts(weight[::-1], *sizes, previous_phy2log=previous)
+    moved = eplb_jax.rebalance_experts(
+      weight[::-1], *sizes, mode="greedy", previous_phy2log=previous
+    )
     check_placement(*moved, num_experts, sizes[0], num_layers)
   finally:
     jax.config.update("jax_enable_x64", before)

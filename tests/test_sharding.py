@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from _sharded_checks import CHECKS
 from _sharded_checks import run_checks
 
 import eplb_jax
@@ -15,16 +16,7 @@ def results() -> dict[str, str]:
   return run_checks("sharding")
 
 
-@pytest.mark.parametrize(
-  "name",
-  [
-    "equal_to_unsharded_without_collectives",
-    "no_retrace_with_new_loads",
-    "sharded_weight_without_mesh",
-    "explicit_sharded_loads",
-    "bad_mesh_arguments",
-  ],
-)
+@pytest.mark.parametrize("name", CHECKS["sharding"])
 def test_on_eight_devices(results, name):
   assert results.get(name) == "ok", results.get(name, f"check {name} did not run")
 
