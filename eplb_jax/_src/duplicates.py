@@ -33,14 +33,13 @@ def separate(problem: PackingProblem, slots: jax.Array) -> jax.Array:
     ``[m, g]``: the same items, the heaviest pack no heavier.
   """
   weight, expert = problem
+  num_items = weight.shape[0]  # expert ids are below it: every expert has an item
   num_packs, per_pack = slots.shape
   flat = jnp.arange(num_packs * per_pack)
   position = flat.reshape(num_packs, per_pack)
-  earlier = jnp.arange(per_pack)[None, :] < jnp.arange(per_pack)[:, None]
 
   def duplicates(slots):  # [m, g]: a later replica of an expert already on its GPU
-    e = expert[slots]
-    return ((e[:, :, None] == e[:, None, :]) & earlier).any(axis=2)
+    return ops.occurrence_rank(expert[slots]) > 0
 
   def cond(state):
     return state[2].any()
@@ -58,7 +57,12 @@ def separate(problem: PackingProblem, slots: jax.Array) -> jax.Array:
     p = at // per_pack
     e_d, x_d = e.reshape(-1)[at], x.reshape(-1)[at]
     q_has_e = (e[None] == e_d[:, None, None]).any(axis=2)  # [D, m]
-    p_has_f = (e[p][:, None, None, :] == e[None, :, :, None]).any(axis=3)  # [D, m, g]
+    # Whether GPU p of each duplicate holds expert f: a presence table per duplicate.
+    on_p = (
+      jnp.zeros((_PER_STEP, num_items), bool).at[jnp.arange(_PER_STEP)[:, None], e[p]].set(True)
+    )
+    p_has_f = jnp.take_along_axis(on_p, jnp.broadcast_to(e.reshape(-1), (_PER_STEP, e.size)), 1)
+    p_has_f = p_has_f.reshape(_PER_STEP, num_packs, per_pack)  # [D, m, g]
     new_p = loads[p][:, None, None] - x_d[:, None, None] + x[None]
     new_q = loads[None, :, None] + x_d[:, None, None] - x[None]
     allowed = (
