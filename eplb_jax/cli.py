@@ -272,7 +272,9 @@ def _summary(weight, shape, placement, times, previous) -> None:
   before = metrics.layer_balancedness(contiguous_loads(weight, shape.num_gpus))
   loads = metrics.gpu_loads(weight, phy2log, logcnt, shape.num_gpus)
   after = np.asarray(metrics.layer_balancedness(loads))
-  bound = metrics.lower_bound(weight, shape.num_replicas, shape.num_gpus)
+  bound = metrics.lower_bound(
+    weight, shape.num_replicas, shape.num_gpus, shape.num_groups, shape.num_nodes
+  )
   ratio = np.asarray(loads.max(axis=-1) / bound)
   ratio = np.where(np.isfinite(ratio), ratio, 1.0)  # all-zero layers: 0 / 0
   worst = int(np.argmin(after))

@@ -21,7 +21,7 @@ from eplb_jax.runtime import dispatch
 from eplb_jax.runtime import params
 from eplb_jax.runtime import stats
 
-settings.register_profile("eplb", max_examples=12, deadline=None, derandomize=True)
+settings.register_profile("eplb", max_examples=8, deadline=None, derandomize=True)
 settings.load_profile("eplb")
 
 NUM_LAYERS, NUM_EXPERTS, *SIZES = CONFIGS["readme"]
