@@ -257,16 +257,6 @@ def _timed_rebalance(weight: np.ndarray, shape: workloads.Shape, mode: str, prev
   return placement, times
 
 
-def _no_layers(shape: workloads.Shape) -> Placement:
-  """The placement of zero layers: empty maps of the right widths."""
-  width = shape.topology.max_replicas(shape.num_experts)
-  return Placement(
-    np.zeros((0, shape.num_replicas), np.int32),
-    np.zeros((0, shape.num_experts, width), np.int32),
-    np.zeros((0, shape.num_experts), np.int32),
-  )
-
-
 def _summary(weight, shape, placement, times, previous) -> None:
   phy2log, _, logcnt = placement
   before = metrics.layer_balancedness(contiguous_loads(weight, shape.num_gpus))
@@ -314,11 +304,10 @@ def plan(args: argparse.Namespace) -> int:
     f"GPUs {shape.num_gpus}"
   )
   print(f"  policy        {shape.policy}, mode {args.mode}")
+  placement, times = _timed_rebalance(weight, shape, args.mode, previous)
   if shape.num_layers == 0:
-    placement = _no_layers(shape)
     print("  balancedness  no layers to balance")
   else:
-    placement, times = _timed_rebalance(weight, shape, args.mode, previous)
     _summary(weight, shape, placement, times, previous)
   if output is not None:
     save_placement(output, fmt, placement)
