@@ -110,6 +110,7 @@ def results() -> dict[str, str]:
   return run_checks("params")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", CHECKS["params"])
 def test_on_eight_devices(results, name):
   assert results.get(name) == "ok", results.get(name, f"check {name} did not run")

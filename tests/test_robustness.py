@@ -122,6 +122,7 @@ def _runtime_outputs(placement, ids):
 X64_CONFIG = (2, 4, 80, 2, 2, 4)
 
 
+@pytest.mark.heavy
 def test_x64():
   """Under ``jax_enable_x64`` the core paths keep their dtypes, and results their values.
 

@@ -16,6 +16,7 @@ def results() -> dict[str, str]:
   return run_checks("sharding")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", CHECKS["sharding"])
 def test_on_eight_devices(results, name):
   assert results.get(name) == "ok", results.get(name, f"check {name} did not run")

@@ -7,9 +7,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "train_moe.py"
 
 
+@pytest.mark.heavy
 def test_short_training_run_rebalances_without_changing_the_loss():
   proc = subprocess.run(
     [sys.executable, str(EXAMPLE), "--steps", "30", "--rebalance-every", "10", "--window", "10"],
