@@ -81,7 +81,9 @@ class GpuAware:
      the best ``j`` is small where ``R`` is);
   2. every candidate is packed by balanced differencing, the one with the
      lightest heaviest GPU kept (ties to the smaller ``j``) and refined by
-     swaps as :class:`Refined` does (``refined``);
+     swaps as :class:`Refined` does (``refined``), here until a full
+     rotation of exchanges finds none (the refinement's own stopping rule),
+     with a cap of 64 steps rather than 16 as a bound on the cost;
   3. DeepSeek's greedy packing of DeepSeek's counts is also a candidate,
      refined by single-head swaps (the heaviest GPU's best exchange with
      any other) for ``greedy_steps`` steps without spare slots,
@@ -102,7 +104,7 @@ class GpuAware:
 
   Attributes:
     refined: the differencing and swap refinement of the kept candidate
-      (and of the refined group packing).
+      (and of the refined group packing); its ``max_steps`` defaults to 64.
     greedy_steps: single-head swap steps for greedy's packing in a domain
       without spare slots (where the counts are fixed and the packing is
       the only lever), and for greedy's groups-to-nodes packing (4).
@@ -110,7 +112,7 @@ class GpuAware:
       policy.
   """
 
-  refined: Refined = Refined()
+  refined: Refined = Refined(max_steps=64)
   greedy_steps: int = 50
   greedy_steps_spare: int = 16
 
