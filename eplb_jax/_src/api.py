@@ -10,6 +10,7 @@ and the migration cost.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eplb_jax._src import checks
+from eplb_jax._src import elastic
 from eplb_jax._src import migration
 from eplb_jax._src import packing
 from eplb_jax._src import placement
@@ -56,7 +58,8 @@ def _rows(core):
 @functools.partial(jax.jit, static_argnums=(1, 2))
 @_rows
 def _place(weight: jax.Array, topology: Topology, mode: Mode) -> Placement:
-  return placement.place(checks.sanitize_weight(weight), topology, mode)
+  survivors = placement.place(checks.sanitize_weight(weight), topology.survivors(), mode)
+  return elastic.to_full(survivors, topology)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -66,7 +69,9 @@ def _migrate(
 ) -> Placement:
   weight = checks.sanitize_weight(weight)
   tolerance = jnp.clip(tolerance, 0.0, 1.0)
-  return migration.migrate(weight, previous, tolerance, topology, mode)
+  previous = elastic.to_survivors(previous, topology)  # replicas on failed GPUs are lost
+  survivors = migration.migrate(weight, previous, tolerance, topology.survivors(), mode)
+  return elastic.to_full(survivors, topology)
 
 
 def _check_weight(weight: jax.typing.ArrayLike, topology: Topology, **kwargs) -> jax.Array:
@@ -87,17 +92,17 @@ def _check_phy2log(phy2log: jax.typing.ArrayLike, name: str) -> jax.Array:
   return phy2log.astype(jnp.int32)
 
 
-def _check_previous(
-  previous_phy2log: jax.typing.ArrayLike, weight: jax.Array, topology: Topology
+def _check_in_service(
+  phy2log: jax.typing.ArrayLike, weight: jax.Array, topology: Topology, name: str
 ) -> jax.Array:
-  """Checks ``previous_phy2log [L, P]``: expert ids in ``[0, E)``, or -1 for an empty slot.
+  """Checks a placement in service ``[L, P]``: expert ids in ``[0, E)``, or -1 for an empty slot.
 
   Returns it as int32, other ids (possible only when traced) as -1.
   """
-  previous = checks.check_ids(previous_phy2log, "previous_phy2log")
+  previous = checks.check_ids(phy2log, name)
   if np.shape(previous) != (weight.shape[0], topology.num_replicas):
     raise ValueError(
-      "previous_phy2log must have shape [layers, num_replicas] = "
+      f"{name} must have shape [layers, num_replicas] = "
       f"{(weight.shape[0], topology.num_replicas)}, got {np.shape(previous)}"
     )
   if checks.is_concrete(previous) and previous.size:
@@ -105,7 +110,7 @@ def _check_previous(
       low, high = int(previous.min()), int(previous.max())
     if low < -1 or high >= weight.shape[1]:
       raise ValueError(
-        f"previous_phy2log must hold expert ids in [0, {weight.shape[1]}) or -1 for an "
+        f"{name} must hold expert ids in [0, {weight.shape[1]}) or -1 for an "
         f"empty slot, found [{low}, {high}]"
       )
   return checks.narrow_ids(previous, weight.shape[1], -1)
@@ -134,6 +139,13 @@ def rebalance(
   are static; ``weight`` may be traced, and a new ``weight`` never retraces.
   Under ``jax.jit`` negative, NaN and infinite loads count as 0; called
   eagerly they raise ``ValueError``.
+
+  With ``topology.failed_gpus``, replicas go only to the active GPUs, every
+  expert keeps at least one, and the failed GPUs' slots hold -1: the
+  balancer solves ``topology.survivors()`` (the global policy over the
+  active GPUs unless whole nodes failed, see :meth:`Topology.survivors`).
+  Given ``previous_phy2log``, replicas that were on a failed GPU are lost
+  and are placed again like any other missing replica.
 
   Args:
     weight: ``[L, E]`` load statistics of each logical expert, int or float;
@@ -168,7 +180,7 @@ def rebalance(
   if previous_phy2log is None:
     core, arrays = _place, (weight,)
   else:
-    previous = _check_previous(previous_phy2log, weight, topology)
+    previous = _check_in_service(previous_phy2log, weight, topology, "previous_phy2log")
     core, arrays = _migrate, (weight, previous, _check_tolerance(tolerance))
   if mesh is None:
     # Loads split over Explicit mesh axes (their type says so) are balanced
@@ -190,6 +202,7 @@ def rebalance_experts(
   *,
   mode: str | Mode = DEFAULT_MODE,
   previous_phy2log: jax.typing.ArrayLike | None = None,
+  failed_gpus: Iterable[int] = (),
   mesh: Mesh | None = None,
   layer_axis: sharding.AxisName | None = None,
 ) -> Placement:
@@ -216,6 +229,8 @@ def rebalance_experts(
       empty slot). When given, the result keeps replicas where they are as
       far as it can while every layer's heaviest GPU stays within 0.1% of a
       fresh placement's (see :func:`rebalance_with_previous`).
+    failed_gpus: static ids of GPUs that hold no replica (elastic EP; see
+      :attr:`Topology.failed_gpus`); their slots come back as -1.
     mesh: optional device mesh; with ``layer_axis``, each device balances its
       own layers (no communication) and the maps come back sharded as
       ``NamedSharding(mesh, P(layer_axis))``. ``L`` must divide evenly.
@@ -224,13 +239,13 @@ def rebalance_experts(
   Returns:
     A :class:`Placement`, which unpacks as DeepSeek's ``(phy2log, log2phy,
     logcnt)``, int32: ``phy2log [L, P]`` the logical expert of each physical
-    slot (``P / num_gpus`` consecutive slots per GPU), ``log2phy [L, E, P - E
-    + 1]`` the slots of each expert, -1 padded, and ``logcnt [L, E]`` the
-    number of replicas of each expert.
+    slot (``P / num_gpus`` consecutive slots per GPU; -1 on a failed GPU),
+    ``log2phy [L, E, P - E + 1]`` the slots of each expert, -1 padded, and
+    ``logcnt [L, E]`` the number of replicas of each expert.
   """
   return rebalance(
     weight,
-    Topology(num_replicas, num_groups, num_nodes, num_gpus),
+    Topology(num_replicas, num_groups, num_nodes, num_gpus, failed_gpus),
     mode=mode,
     previous_phy2log=previous_phy2log,
     mesh=mesh,
