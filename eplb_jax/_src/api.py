@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from eplb_jax._src import checks
 from eplb_jax._src import elastic
+from eplb_jax._src import gate
 from eplb_jax._src import migration
 from eplb_jax._src import packing
 from eplb_jax._src import placement
@@ -72,6 +73,22 @@ def _migrate(
   previous = elastic.to_survivors(previous, topology)  # replicas on failed GPUs are lost
   survivors = migration.migrate(weight, previous, tolerance, topology.survivors(), mode)
   return elastic.to_full(survivors, topology)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _gate(
+  weight: jax.Array,
+  current: jax.Array,
+  new: Placement,
+  threshold: jax.Array,
+  topology: Topology,
+  per_layer: bool,
+) -> gate.GatedPlacement:
+  weight = checks.sanitize_weight(weight)
+  current = elastic.clear_failed(current, topology)
+  # NaN and negative thresholds count as 0, inf as the largest float32.
+  threshold = jnp.where(threshold > 0, jnp.minimum(threshold, jnp.finfo(jnp.float32).max), 0.0)
+  return gate.gate(weight, current, new, threshold, topology.num_gpus, per_layer)
 
 
 def _check_weight(weight: jax.typing.ArrayLike, topology: Topology, **kwargs) -> jax.Array:
@@ -296,6 +313,120 @@ def rebalance_with_previous(
     previous_phy2log=previous_phy2log,
     tolerance=tolerance,
   )
+
+
+def _check_threshold(threshold: jax.typing.ArrayLike) -> jax.Array:
+  if checks.is_concrete(threshold) and not 0 <= float(np.asarray(threshold)) < np.inf:
+    raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+  return jnp.asarray(threshold, jnp.float32)
+
+
+def _check_new(new: Placement, weight: jax.Array, topology: Topology) -> Placement:
+  """Checks the shapes and dtypes of a placement ``new`` of ``weight`` on ``topology``."""
+  num_layers, num_logical = weight.shape
+  want = {
+    "phy2log": (num_layers, topology.num_replicas),
+    "log2phy": (num_layers, num_logical, topology.max_replicas(num_logical)),
+    "logcnt": (num_layers, num_logical),
+  }
+  if not isinstance(new, tuple) or len(new) != 3:
+    raise ValueError(
+      f"new must be a Placement (phy2log, log2phy, logcnt), got {type(new).__name__}"
+    )
+  arrays = []
+  for (name, shape), array in zip(want.items(), new, strict=True):
+    array = checks.check_ids(array, f"new.{name}")
+    if np.shape(array) != shape:
+      raise ValueError(f"new.{name} must have shape {shape}, got {np.shape(array)}")
+    arrays.append(jnp.asarray(array, jnp.int32))
+  return Placement(*arrays)
+
+
+def _check_gate(
+  weight: jax.typing.ArrayLike,
+  topology: Topology,
+  current_phy2log: jax.typing.ArrayLike,
+  threshold: jax.typing.ArrayLike,
+  per_layer: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The checked ``(weight, current_phy2log, threshold)`` of the gate functions."""
+  if not isinstance(topology, Topology):
+    raise ValueError(f"topology must be a Topology, got {type(topology).__name__}")
+  if not isinstance(per_layer, bool):
+    raise ValueError(f"per_layer must be a bool, got {per_layer!r}")
+  weight = _check_weight(weight, topology)
+  current = _check_in_service(current_phy2log, weight, topology, "current_phy2log")
+  return weight, current, _check_threshold(threshold)
+
+
+def gate_placement(
+  weight: jax.typing.ArrayLike,
+  topology: Topology,
+  current_phy2log: jax.typing.ArrayLike,
+  new: Placement,
+  threshold: jax.typing.ArrayLike,
+  *,
+  per_layer: bool = True,
+) -> gate.GatedPlacement:
+  """Keeps the placement in service unless ``new`` balances ``weight`` enough better.
+
+  Scores both placements on ``weight`` and keeps the one in service where
+  its heaviest GPU is at most ``1 + threshold`` times ``new``'s: per layer,
+  or with ``per_layer=False`` for all layers at once (by the sums over
+  layers of the heaviest GPUs, what a step waits for). A layer whose
+  placement in service leaves an expert without a replica (e.g. all its
+  replicas on a failed GPU of ``topology``, whose slots serve nothing) is
+  always rebalanced. Pure and jit-friendly: ``topology`` and ``per_layer``
+  are static, the arrays and ``threshold`` may be traced, and new values
+  never retrace.
+
+  Args:
+    weight: ``[L, E]`` loads, or a window ``[N, L, E]`` summed over ``N``.
+    topology: slots, groups, nodes, GPUs and failed GPUs.
+    current_phy2log: ``[L, P]`` int, the placement in service (-1: an empty
+      slot). Under ``jax.jit`` ids outside ``[0, E)`` count as empty slots.
+    new: the candidate :class:`Placement` on ``topology``, e.g. from
+      :func:`rebalance`.
+    threshold: scalar ``>= 0``, the relative excess of the heaviest GPU that
+      the placement in service may have over ``new``'s and still be kept (0:
+      keep it only where ``new`` is no lighter). Under ``jax.jit`` NaN and
+      negative values count as 0.
+    per_layer: decide layer by layer (default) or for the whole model.
+
+  Returns:
+    A :class:`GatedPlacement`: ``placement`` (``new`` where ``rebalanced``,
+    the one in service elsewhere), ``rebalanced [L]``, and for logging
+    ``current_heaviest [L]`` and ``new_heaviest [L]``.
+  """
+  weight, current, threshold = _check_gate(weight, topology, current_phy2log, threshold, per_layer)
+  new = _check_new(new, weight, topology)
+  return _gate(weight, current, new, threshold, topology, per_layer)
+
+
+def gated_rebalance(
+  weight: jax.typing.ArrayLike,
+  topology: Topology,
+  current_phy2log: jax.typing.ArrayLike,
+  threshold: jax.typing.ArrayLike,
+  *,
+  mode: str | Mode = DEFAULT_MODE,
+  tolerance: jax.typing.ArrayLike = DEFAULT_TOLERANCE,
+  per_layer: bool = True,
+) -> gate.GatedPlacement:
+  """Rebalances from the placement in service only where the gain is worth the re-layout.
+
+  :func:`gate_placement` of the migration-aware placement
+  ``rebalance(weight, topology, mode=mode, previous_phy2log=current_phy2log,
+  tolerance=tolerance)``: where a layer is rebalanced it moves few replicas,
+  elsewhere it moves none. Arguments as those two functions'; pure and
+  jit-friendly (``topology``, ``mode`` and ``per_layer`` static).
+
+  Returns:
+    A :class:`GatedPlacement` (see :func:`gate_placement`).
+  """
+  weight, current, threshold = _check_gate(weight, topology, current_phy2log, threshold, per_layer)
+  new = rebalance(weight, topology, mode=mode, previous_phy2log=current, tolerance=tolerance)
+  return _gate(weight, current, new, threshold, topology, per_layer)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
