@@ -12,12 +12,15 @@ measures, and :mod:`eplb_jax.contrib` adapters with optional dependencies.
 from eplb_jax import metrics
 from eplb_jax import runtime
 from eplb_jax._src.api import balanced_packing
+from eplb_jax._src.api import gate_placement
+from eplb_jax._src.api import gated_rebalance
 from eplb_jax._src.api import migration_cost
 from eplb_jax._src.api import rebalance
 from eplb_jax._src.api import rebalance_experts
 from eplb_jax._src.api import rebalance_experts_hierarchical
 from eplb_jax._src.api import rebalance_with_previous
 from eplb_jax._src.api import replicate_experts
+from eplb_jax._src.gate import GatedPlacement
 from eplb_jax._src.location import ExpertLocation
 from eplb_jax._src.location import expert_location
 from eplb_jax._src.modes import GpuAware
@@ -30,6 +33,7 @@ __version__ = "0.2.0"
 
 __all__ = [
   "ExpertLocation",
+  "GatedPlacement",
   "GpuAware",
   "Greedy",
   "Placement",
@@ -37,6 +41,8 @@ __all__ = [
   "Topology",
   "balanced_packing",
   "expert_location",
+  "gate_placement",
+  "gated_rebalance",
   "metrics",
   "migration_cost",
   "rebalance",

@@ -35,7 +35,7 @@ from eplb_jax import workloads
 from eplb_jax._src import checks
 from eplb_jax._src import files
 from eplb_jax._src.api import migration_cost
-from eplb_jax._src.api import rebalance_experts
+from eplb_jax._src.api import rebalance
 from eplb_jax._src.modes import DEFAULT_MODE
 from eplb_jax._src.modes import MODES
 from eplb_jax._src.placement import Placement
@@ -205,6 +205,16 @@ def contiguous_loads(weight: np.ndarray, num_gpus: int) -> np.ndarray:
   return weight @ (gpu[:, None] == np.arange(num_gpus)).astype(weight.dtype)
 
 
+def failed_gpus(text: str | None) -> tuple[int, ...]:
+  """The GPU ids of ``--failed-gpus``: comma-separated ints (range checks: :class:`Topology`)."""
+  if text is None:
+    return ()
+  try:
+    return tuple(int(gpu) for gpu in text.split(","))
+  except ValueError:
+    raise ValueError(f"--failed-gpus must be comma-separated GPU ids, got {text!r}") from None
+
+
 def _problem(args: argparse.Namespace) -> tuple[workloads.Shape, np.ndarray, str]:
   """The shape, loads ``[L, E]`` and a description of where the loads come from."""
   if args.input is not None and args.shape is not None:
@@ -237,7 +247,9 @@ def _problem(args: argparse.Namespace) -> tuple[workloads.Shape, np.ndarray, str
     )
   elif args.decay is not None:
     raise ValueError(f"--decay needs a window [steps, layers, experts], got shape {weight.shape}")
-  shape = workloads.Shape(name, *weight.shape[-2:], **sizes)
+  shape = workloads.Shape(
+    name, *weight.shape[-2:], **sizes, failed_gpus=failed_gpus(args.failed_gpus)
+  )
   shape.topology.check_experts(shape.num_experts)
   checks.check_weight_values(weight)  # ValueError for negative, NaN, inf loads
   if weight.ndim == 3:
@@ -246,24 +258,27 @@ def _problem(args: argparse.Namespace) -> tuple[workloads.Shape, np.ndarray, str
 
 
 def _timed_rebalance(weight: np.ndarray, shape: workloads.Shape, mode: str, previous):
-  """Runs ``rebalance_experts`` twice: returns the placement and both wall times in ms."""
+  """Runs ``rebalance`` twice: returns the placement and both wall times in ms."""
   times = []
   for _ in range(2):
     start = time.perf_counter()
     placement = jax.block_until_ready(
-      rebalance_experts(weight, *shape.sizes, mode=mode, previous_phy2log=previous)
+      rebalance(weight, shape.topology, mode=mode, previous_phy2log=previous)
     )
     times.append(1e3 * (time.perf_counter() - start))
   return placement, times
 
 
 def _summary(weight, shape, placement, times, previous) -> None:
+  # Balance over the active GPUs, against the bound of their problem.
+  active = shape.topology.survivors()
   phy2log, _, logcnt = placement
-  before = metrics.layer_balancedness(contiguous_loads(weight, shape.num_gpus))
+  before = metrics.layer_balancedness(contiguous_loads(weight, active.num_gpus))
   loads = metrics.gpu_loads(weight, phy2log, logcnt, shape.num_gpus)
+  loads = loads[:, np.asarray(shape.topology.active_gpus)]
   after = np.asarray(metrics.layer_balancedness(loads))
   bound = metrics.lower_bound(
-    weight, shape.num_replicas, shape.num_gpus, shape.num_groups, shape.num_nodes
+    weight, active.num_replicas, active.num_gpus, active.num_groups, active.num_nodes
   )
   ratio = np.asarray(loads.max(axis=-1) / bound)
   ratio = np.where(np.isfinite(ratio), ratio, 1.0)  # all-zero layers: 0 / 0
@@ -293,6 +308,11 @@ def plan(args: argparse.Namespace) -> int:
     raise ValueError("--format needs --output")
   fmt = None if output is None else output_format(output, args.format)
   shape, weight, source = _problem(args)
+  if shape.failed_gpus and fmt in ("sglang", "sglang-jax"):
+    raise ValueError(
+      f"--format {fmt} cannot hold the empty slots (-1) of --failed-gpus (the engines' "
+      "files have no empty slot); write npz or json"
+    )
   previous = None
   if args.previous is not None:
     previous = load_previous(pathlib.Path(args.previous), allow_pickle=args.allow_pickle)
@@ -302,6 +322,7 @@ def plan(args: argparse.Namespace) -> int:
     f"  problem       {shape.num_layers} layers x {shape.num_experts} experts -> "
     f"{shape.num_replicas} slots; groups {shape.num_groups}, nodes {shape.num_nodes}, "
     f"GPUs {shape.num_gpus}"
+    + (f", failed {', '.join(map(str, shape.topology.failed_gpus))}" if shape.failed_gpus else "")
   )
   print(f"  policy        {shape.policy}, mode {args.mode}")
   placement, times = _timed_rebalance(weight, shape, args.mode, previous)
@@ -355,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_argument("--num-groups", type=int, help="expert groups (hierarchical policy)")
   sub.add_argument("--num-nodes", type=int, help="server nodes")
   sub.add_argument("--num-gpus", type=int, help="GPUs in total")
+  sub.add_argument(
+    "--failed-gpus",
+    metavar="IDS",
+    help="comma-separated ids of failed GPUs (e.g. 3,7): replicas go only to the others, the "
+    "failed GPUs' slots hold -1 (npz/json output only); balance is reported over the others",
+  )
   sub.add_argument(
     "--mode", choices=tuple(MODES), default=DEFAULT_MODE, help=f"default: {DEFAULT_MODE}"
   )

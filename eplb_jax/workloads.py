@@ -16,7 +16,10 @@ from eplb_jax._src.topology import Topology
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-  """A balancing problem: ``num_layers x num_experts`` loads onto ``num_replicas`` slots."""
+  """A balancing problem: ``num_layers x num_experts`` loads onto ``num_replicas`` slots.
+
+  ``failed_gpus`` names GPUs that hold no replica (see :attr:`Topology.failed_gpus`).
+  """
 
   name: str
   num_layers: int
@@ -25,6 +28,7 @@ class Shape:
   num_groups: int
   num_nodes: int
   num_gpus: int
+  failed_gpus: tuple[int, ...] = ()
 
   @property
   def sizes(self) -> tuple[int, int, int, int]:
@@ -33,11 +37,12 @@ class Shape:
 
   @property
   def topology(self) -> Topology:
-    return Topology(*self.sizes)
+    return Topology(*self.sizes, failed_gpus=self.failed_gpus)
 
   @property
   def policy(self) -> str:
-    return self.topology.policy
+    """The policy the balancer applies: that of the active GPUs' problem."""
+    return self.topology.survivors().policy
 
 
 SHAPES = {

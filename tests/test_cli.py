@@ -140,6 +140,13 @@ def test_contiguous_loads():
     (["nan.npy", *SIZES], "weight"),
     (["absent.npy", *SIZES], "absent.npy"),
     (["loads.npy", *SIZES, "--mode", "fast"], "--mode"),
+    (["loads.npy", *SIZES, "--failed-gpus", "3,x"], "--failed-gpus must be comma-separated"),
+    (["loads.npy", *SIZES, "--failed-gpus", "8"], "failed_gpus must hold GPU ids in [0, 8)"),
+    (["loads.npy", *SIZES, "--failed-gpus", "0,1,2"], "failed_gpus must leave at least"),
+    (
+      ["loads.npy", *SIZES, "--failed-gpus", "3", "--output", "maps.json", "--format", "sglang"],
+      "--format sglang cannot hold the empty slots",
+    ),
   ],
 )
 def test_plan_bad_input_exits_2_naming_the_argument(tmp_path, monkeypatch, capsys, args, named):
@@ -155,6 +162,22 @@ def test_plan_bad_input_exits_2_naming_the_argument(tmp_path, monkeypatch, capsy
   assert named in captured.err
   assert "Traceback" not in captured.err
   assert not (tmp_path / "maps.csv").exists()
+
+
+def test_plan_failed_gpus(tmp_path, capsys):
+  target = tmp_path / "maps.npz"
+  args = ["--failed-gpus", "3", "--mode", "greedy", "--output", str(target)]
+  np.save(tmp_path / "loads.npy", WEIGHT)
+
+  assert cli.main(["plan", str(tmp_path / "loads.npy"), *SIZES, *args]) == 0
+
+  out = capsys.readouterr().out
+  assert "GPUs 8, failed 3" in out
+  assert "policy        global, mode greedy" in out  # 7 GPUs: the global policy
+  expected = eplb_jax.rebalance_experts(WEIGHT, *SIZE_ARGS, mode="greedy", failed_gpus=(3,))
+  maps = _read_maps(target)
+  chex.assert_trees_all_equal(maps, {k: np.asarray(v) for k, v in expected._asdict().items()})
+  np.testing.assert_array_equal(maps["phy2log"][:, 6:8], -1)
 
 
 def test_python_m_entry_point():

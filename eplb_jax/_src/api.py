@@ -10,6 +10,7 @@ and the migration cost.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eplb_jax._src import checks
+from eplb_jax._src import elastic
+from eplb_jax._src import gate
 from eplb_jax._src import migration
 from eplb_jax._src import packing
 from eplb_jax._src import placement
@@ -56,7 +59,8 @@ def _rows(core):
 @functools.partial(jax.jit, static_argnums=(1, 2))
 @_rows
 def _place(weight: jax.Array, topology: Topology, mode: Mode) -> Placement:
-  return placement.place(checks.sanitize_weight(weight), topology, mode)
+  survivors = placement.place(checks.sanitize_weight(weight), topology.survivors(), mode)
+  return elastic.to_full(survivors, topology)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -66,7 +70,25 @@ def _migrate(
 ) -> Placement:
   weight = checks.sanitize_weight(weight)
   tolerance = jnp.clip(tolerance, 0.0, 1.0)
-  return migration.migrate(weight, previous, tolerance, topology, mode)
+  previous = elastic.to_survivors(previous, topology)  # replicas on failed GPUs are lost
+  survivors = migration.migrate(weight, previous, tolerance, topology.survivors(), mode)
+  return elastic.to_full(survivors, topology)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _gate(
+  weight: jax.Array,
+  current: jax.Array,
+  new: Placement,
+  threshold: jax.Array,
+  topology: Topology,
+  per_layer: bool,
+) -> gate.GatedPlacement:
+  weight = checks.sanitize_weight(weight)
+  current = elastic.clear_failed(current, topology)
+  # NaN and negative thresholds count as 0, inf as the largest float32.
+  threshold = jnp.where(threshold > 0, jnp.minimum(threshold, jnp.finfo(jnp.float32).max), 0.0)
+  return gate.gate(weight, current, new, threshold, topology.num_gpus, per_layer)
 
 
 def _check_weight(weight: jax.typing.ArrayLike, topology: Topology, **kwargs) -> jax.Array:
@@ -87,17 +109,17 @@ def _check_phy2log(phy2log: jax.typing.ArrayLike, name: str) -> jax.Array:
   return phy2log.astype(jnp.int32)
 
 
-def _check_previous(
-  previous_phy2log: jax.typing.ArrayLike, weight: jax.Array, topology: Topology
+def _check_in_service(
+  phy2log: jax.typing.ArrayLike, weight: jax.Array, topology: Topology, name: str
 ) -> jax.Array:
-  """Checks ``previous_phy2log [L, P]``: expert ids in ``[0, E)``, or -1 for an empty slot.
+  """Checks a placement in service ``[L, P]``: expert ids in ``[0, E)``, or -1 for an empty slot.
 
   Returns it as int32, other ids (possible only when traced) as -1.
   """
-  previous = checks.check_ids(previous_phy2log, "previous_phy2log")
+  previous = checks.check_ids(phy2log, name)
   if np.shape(previous) != (weight.shape[0], topology.num_replicas):
     raise ValueError(
-      "previous_phy2log must have shape [layers, num_replicas] = "
+      f"{name} must have shape [layers, num_replicas] = "
       f"{(weight.shape[0], topology.num_replicas)}, got {np.shape(previous)}"
     )
   if checks.is_concrete(previous) and previous.size:
@@ -105,7 +127,7 @@ def _check_previous(
       low, high = int(previous.min()), int(previous.max())
     if low < -1 or high >= weight.shape[1]:
       raise ValueError(
-        f"previous_phy2log must hold expert ids in [0, {weight.shape[1]}) or -1 for an "
+        f"{name} must hold expert ids in [0, {weight.shape[1]}) or -1 for an "
         f"empty slot, found [{low}, {high}]"
       )
   return checks.narrow_ids(previous, weight.shape[1], -1)
@@ -134,6 +156,13 @@ def rebalance(
   are static; ``weight`` may be traced, and a new ``weight`` never retraces.
   Under ``jax.jit`` negative, NaN and infinite loads count as 0; called
   eagerly they raise ``ValueError``.
+
+  With ``topology.failed_gpus``, replicas go only to the active GPUs, every
+  expert keeps at least one, and the failed GPUs' slots hold -1: the
+  balancer solves ``topology.survivors()`` (the global policy over the
+  active GPUs unless whole nodes failed, see :meth:`Topology.survivors`).
+  Given ``previous_phy2log``, replicas that were on a failed GPU are lost
+  and are placed again like any other missing replica.
 
   Args:
     weight: ``[L, E]`` load statistics of each logical expert, int or float;
@@ -168,7 +197,7 @@ def rebalance(
   if previous_phy2log is None:
     core, arrays = _place, (weight,)
   else:
-    previous = _check_previous(previous_phy2log, weight, topology)
+    previous = _check_in_service(previous_phy2log, weight, topology, "previous_phy2log")
     core, arrays = _migrate, (weight, previous, _check_tolerance(tolerance))
   if mesh is None:
     # Loads split over Explicit mesh axes (their type says so) are balanced
@@ -190,6 +219,7 @@ def rebalance_experts(
   *,
   mode: str | Mode = DEFAULT_MODE,
   previous_phy2log: jax.typing.ArrayLike | None = None,
+  failed_gpus: Iterable[int] = (),
   mesh: Mesh | None = None,
   layer_axis: sharding.AxisName | None = None,
 ) -> Placement:
@@ -216,6 +246,8 @@ def rebalance_experts(
       empty slot). When given, the result keeps replicas where they are as
       far as it can while every layer's heaviest GPU stays within 0.1% of a
       fresh placement's (see :func:`rebalance_with_previous`).
+    failed_gpus: static ids of GPUs that hold no replica (elastic EP; see
+      :attr:`Topology.failed_gpus`); their slots come back as -1.
     mesh: optional device mesh; with ``layer_axis``, each device balances its
       own layers (no communication) and the maps come back sharded as
       ``NamedSharding(mesh, P(layer_axis))``. ``L`` must divide evenly.
@@ -224,13 +256,13 @@ def rebalance_experts(
   Returns:
     A :class:`Placement`, which unpacks as DeepSeek's ``(phy2log, log2phy,
     logcnt)``, int32: ``phy2log [L, P]`` the logical expert of each physical
-    slot (``P / num_gpus`` consecutive slots per GPU), ``log2phy [L, E, P - E
-    + 1]`` the slots of each expert, -1 padded, and ``logcnt [L, E]`` the
-    number of replicas of each expert.
+    slot (``P / num_gpus`` consecutive slots per GPU; -1 on a failed GPU),
+    ``log2phy [L, E, P - E + 1]`` the slots of each expert, -1 padded, and
+    ``logcnt [L, E]`` the number of replicas of each expert.
   """
   return rebalance(
     weight,
-    Topology(num_replicas, num_groups, num_nodes, num_gpus),
+    Topology(num_replicas, num_groups, num_nodes, num_gpus, failed_gpus),
     mode=mode,
     previous_phy2log=previous_phy2log,
     mesh=mesh,
@@ -281,6 +313,120 @@ def rebalance_with_previous(
     previous_phy2log=previous_phy2log,
     tolerance=tolerance,
   )
+
+
+def _check_threshold(threshold: jax.typing.ArrayLike) -> jax.Array:
+  if checks.is_concrete(threshold) and not 0 <= float(np.asarray(threshold)) < np.inf:
+    raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+  return jnp.asarray(threshold, jnp.float32)
+
+
+def _check_new(new: Placement, weight: jax.Array, topology: Topology) -> Placement:
+  """Checks the shapes and dtypes of a placement ``new`` of ``weight`` on ``topology``."""
+  num_layers, num_logical = weight.shape
+  want = {
+    "phy2log": (num_layers, topology.num_replicas),
+    "log2phy": (num_layers, num_logical, topology.max_replicas(num_logical)),
+    "logcnt": (num_layers, num_logical),
+  }
+  if not isinstance(new, tuple) or len(new) != 3:
+    raise ValueError(
+      f"new must be a Placement (phy2log, log2phy, logcnt), got {type(new).__name__}"
+    )
+  arrays = []
+  for (name, shape), array in zip(want.items(), new, strict=True):
+    array = checks.check_ids(array, f"new.{name}")
+    if np.shape(array) != shape:
+      raise ValueError(f"new.{name} must have shape {shape}, got {np.shape(array)}")
+    arrays.append(jnp.asarray(array, jnp.int32))
+  return Placement(*arrays)
+
+
+def _check_gate(
+  weight: jax.typing.ArrayLike,
+  topology: Topology,
+  current_phy2log: jax.typing.ArrayLike,
+  threshold: jax.typing.ArrayLike,
+  per_layer: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The checked ``(weight, current_phy2log, threshold)`` of the gate functions."""
+  if not isinstance(topology, Topology):
+    raise ValueError(f"topology must be a Topology, got {type(topology).__name__}")
+  if not isinstance(per_layer, bool):
+    raise ValueError(f"per_layer must be a bool, got {per_layer!r}")
+  weight = _check_weight(weight, topology)
+  current = _check_in_service(current_phy2log, weight, topology, "current_phy2log")
+  return weight, current, _check_threshold(threshold)
+
+
+def gate_placement(
+  weight: jax.typing.ArrayLike,
+  topology: Topology,
+  current_phy2log: jax.typing.ArrayLike,
+  new: Placement,
+  threshold: jax.typing.ArrayLike,
+  *,
+  per_layer: bool = True,
+) -> gate.GatedPlacement:
+  """Keeps the placement in service unless ``new`` balances ``weight`` enough better.
+
+  Scores both placements on ``weight`` and keeps the one in service where
+  its heaviest GPU is at most ``1 + threshold`` times ``new``'s: per layer,
+  or with ``per_layer=False`` for all layers at once (by the sums over
+  layers of the heaviest GPUs, what a step waits for). A layer whose
+  placement in service leaves an expert without a replica (e.g. all its
+  replicas on a failed GPU of ``topology``, whose slots serve nothing) is
+  always rebalanced. Pure and jit-friendly: ``topology`` and ``per_layer``
+  are static, the arrays and ``threshold`` may be traced, and new values
+  never retrace.
+
+  Args:
+    weight: ``[L, E]`` loads, or a window ``[N, L, E]`` summed over ``N``.
+    topology: slots, groups, nodes, GPUs and failed GPUs.
+    current_phy2log: ``[L, P]`` int, the placement in service (-1: an empty
+      slot). Under ``jax.jit`` ids outside ``[0, E)`` count as empty slots.
+    new: the candidate :class:`Placement` on ``topology``, e.g. from
+      :func:`rebalance`.
+    threshold: scalar ``>= 0``, the relative excess of the heaviest GPU that
+      the placement in service may have over ``new``'s and still be kept (0:
+      keep it only where ``new`` is no lighter). Under ``jax.jit`` NaN and
+      negative values count as 0.
+    per_layer: decide layer by layer (default) or for the whole model.
+
+  Returns:
+    A :class:`GatedPlacement`: ``placement`` (``new`` where ``rebalanced``,
+    the one in service elsewhere), ``rebalanced [L]``, and for logging
+    ``current_heaviest [L]`` and ``new_heaviest [L]``.
+  """
+  weight, current, threshold = _check_gate(weight, topology, current_phy2log, threshold, per_layer)
+  new = _check_new(new, weight, topology)
+  return _gate(weight, current, new, threshold, topology, per_layer)
+
+
+def gated_rebalance(
+  weight: jax.typing.ArrayLike,
+  topology: Topology,
+  current_phy2log: jax.typing.ArrayLike,
+  threshold: jax.typing.ArrayLike,
+  *,
+  mode: str | Mode = DEFAULT_MODE,
+  tolerance: jax.typing.ArrayLike = DEFAULT_TOLERANCE,
+  per_layer: bool = True,
+) -> gate.GatedPlacement:
+  """Rebalances from the placement in service only where the gain is worth the re-layout.
+
+  :func:`gate_placement` of the migration-aware placement
+  ``rebalance(weight, topology, mode=mode, previous_phy2log=current_phy2log,
+  tolerance=tolerance)``: where a layer is rebalanced it moves few replicas,
+  elsewhere it moves none. Arguments as those two functions'; pure and
+  jit-friendly (``topology``, ``mode`` and ``per_layer`` static).
+
+  Returns:
+    A :class:`GatedPlacement` (see :func:`gate_placement`).
+  """
+  weight, current, threshold = _check_gate(weight, topology, current_phy2log, threshold, per_layer)
+  new = rebalance(weight, topology, mode=mode, previous_phy2log=current, tolerance=tolerance)
+  return _gate(weight, current, new, threshold, topology, per_layer)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

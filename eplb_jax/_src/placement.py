@@ -38,9 +38,13 @@ class Placement(NamedTuple):
   slot ``s`` is on GPU ``s // S``.
 
   Attributes:
-    phy2log: ``[L, P]`` int32, the logical expert in each physical slot.
-    log2phy: ``[L, E, P - E + 1]`` int32, the slots of each expert, -1 padded.
-    logcnt: ``[L, E]`` int32, the number of replicas of each expert.
+    phy2log: ``[L, P]`` int32, the logical expert in each physical slot; -1
+      for an empty slot (every slot of a failed GPU, see
+      :attr:`Topology.failed_gpus`).
+    log2phy: ``[L, E, P - E + 1]`` int32, the slots of each expert, -1 padded;
+      never an empty slot.
+    logcnt: ``[L, E]`` int32, the number of replicas of each expert; empty
+      slots count for no expert.
   """
 
   phy2log: jax.Array
@@ -61,9 +65,12 @@ class Placement(NamedTuple):
 
 
 def replica_loads(weight: jax.typing.ArrayLike, phy2log: jax.Array, logcnt: jax.Array) -> jax.Array:
-  """``[L, P]``: the load of each slot, ``weight[e] / logcnt[e]`` of the expert ``e`` it holds."""
+  """``[L, P]``: the load of each slot, ``weight[e] / logcnt[e]`` of the expert ``e`` it holds.
+
+  An empty slot (-1) carries no load.
+  """
   per_replica = jnp.asarray(weight, jnp.float32) / jnp.maximum(logcnt, 1)
-  return jnp.take_along_axis(per_replica, phy2log, axis=-1)
+  return jnp.where(phy2log >= 0, _take(per_replica, jnp.maximum(phy2log, 0)), 0.0)
 
 
 def gpu_loads(
@@ -223,13 +230,30 @@ def place_rows(
 
 
 def logical_to_physical(phy2log: jax.Array, phyrank: jax.Array, num_logical: int) -> jax.Array:
-  """Builds ``log2phy [L, E, P - E + 1]``: the slots of each expert by rank, -1 padded."""
+  """Builds ``log2phy [L, E, P - E + 1]``: the slots of each expert by rank, -1 padded.
+
+  Empty slots (-1 in ``phy2log``) are listed nowhere.
+  """
   num_layers, num_physical = phy2log.shape
   max_count = num_physical - num_logical + 1
   slots = jnp.broadcast_to(jnp.arange(num_physical, dtype=jnp.int32), phy2log.shape)
+  position = jnp.where(phy2log >= 0, phy2log * max_count + phyrank, num_logical * max_count)
   flat = jnp.full((num_layers, num_logical * max_count), -1, jnp.int32)
-  flat = flat.at[jnp.arange(num_layers)[:, None], phy2log * max_count + phyrank].set(slots)
+  flat = flat.at[jnp.arange(num_layers)[:, None], position].set(slots, mode="drop")
   return flat.reshape(num_layers, num_logical, max_count)
+
+
+def from_phy2log(phy2log: jax.Array, num_logical: int) -> Placement:
+  """The :class:`Placement` of the slot map ``phy2log [L, P]`` (-1: an empty slot).
+
+  Replicas of an expert are ranked in slot order.
+  """
+  num_layers = phy2log.shape[0]
+  expert = jnp.where(phy2log >= 0, phy2log, num_logical)
+  logcnt = jnp.zeros((num_layers, num_logical), jnp.int32)
+  logcnt = logcnt.at[jnp.arange(num_layers)[:, None], expert].add(1, mode="drop")
+  phyrank = ops.occurrence_rank(phy2log)
+  return Placement(phy2log, logical_to_physical(phy2log, phyrank, num_logical), logcnt)
 
 
 def place(weight: jax.Array, topology: Topology, mode: Mode) -> Placement:

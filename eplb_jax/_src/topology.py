@@ -4,13 +4,18 @@
 the other half). It is hashable, so it is passed whole as one static
 argument of the jitted core, and it owns the policy rule: DeepSeek's
 hierarchical policy when the expert groups split evenly over the nodes, the
-global policy (one group on one node) otherwise.
+global policy (one group on one node) otherwise. It also names the GPUs that
+have failed (elastic expert parallelism): the balancer then solves the
+:meth:`Topology.survivors` problem and leaves the failed GPUs' slots empty.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Iterable
+
+import numpy as np
 
 HIERARCHICAL = "hierarchical"
 GLOBAL = "global"
@@ -36,26 +41,37 @@ class Topology:
   Slots are numbered GPU by GPU (``slots_per_gpu`` consecutive slots per GPU)
   and GPUs node by node.
 
+  Failed GPUs keep their numbers and slots, so placements keep their shape:
+  a placement on this topology holds -1 (an empty slot) in every slot of a
+  failed GPU and puts every replica on the active GPUs. A new set of failed
+  GPUs is a new static value, so the jitted core compiles once per failure
+  event.
+
   Attributes:
     num_replicas: ``P``, physical expert slots in total; a multiple of ``num_gpus``.
     num_groups: expert groups (experts ``[i * E / num_groups, (i + 1) * E / num_groups)``
       form group ``i``); on the hierarchical policy a group stays on one node.
     num_nodes: server nodes; ``num_gpus`` must be a multiple of it.
     num_gpus: GPUs in total.
+    failed_gpus: ids in ``[0, num_gpus)`` of the GPUs that hold no replica
+      (any iterable of ints; stored sorted, without repeats). Default: none.
 
   Raises:
     ValueError: a size is not a positive int, ``num_replicas`` is not a
-      multiple of ``num_gpus``, or ``num_gpus`` not a multiple of ``num_nodes``.
+      multiple of ``num_gpus``, ``num_gpus`` not a multiple of ``num_nodes``,
+      or ``failed_gpus`` holds an id outside ``[0, num_gpus)`` or every GPU.
   """
 
   num_replicas: int
   num_groups: int
   num_nodes: int
   num_gpus: int
+  failed_gpus: tuple[int, ...] = ()
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      object.__setattr__(self, field.name, check_size(getattr(self, field.name), field.name))
+    for name in ("num_replicas", "num_groups", "num_nodes", "num_gpus"):
+      object.__setattr__(self, name, check_size(getattr(self, name), name))
+    object.__setattr__(self, "failed_gpus", self._check_failed(self.failed_gpus))
     if self.num_replicas % self.num_gpus:
       raise ValueError(
         f"num_replicas must be a multiple of num_gpus ({self.num_gpus}), got {self.num_replicas}"
@@ -64,6 +80,59 @@ class Topology:
       raise ValueError(
         f"num_gpus must be a multiple of num_nodes ({self.num_nodes}), got {self.num_gpus}"
       )
+
+  def _check_failed(self, failed: object) -> tuple[int, ...]:
+    """``failed`` as a sorted tuple of distinct GPU ids; ``ValueError`` naming ``failed_gpus``."""
+    if isinstance(failed, str | bytes) or not isinstance(failed, Iterable):
+      raise ValueError(f"failed_gpus must be an iterable of GPU ids, got {failed!r}")
+    ids = set()
+    for gpu in failed:
+      if isinstance(gpu, bool):
+        raise ValueError(f"failed_gpus must hold static int GPU ids, got {gpu!r}")
+      try:
+        ids.add(operator.index(gpu))
+      except TypeError:
+        raise ValueError(f"failed_gpus must hold static int GPU ids, got {gpu!r}") from None
+    ids = tuple(sorted(ids))
+    if ids and not 0 <= ids[0] <= ids[-1] < self.num_gpus:
+      raise ValueError(f"failed_gpus must hold GPU ids in [0, {self.num_gpus}), got {ids}")
+    if len(ids) == self.num_gpus:
+      raise ValueError(f"failed_gpus must leave at least one GPU active, got all {self.num_gpus}")
+    return ids
+
+  @property
+  def active_gpus(self) -> tuple[int, ...]:
+    """The ids of the GPUs that are not failed, ascending."""
+    failed = set(self.failed_gpus)
+    return tuple(g for g in range(self.num_gpus) if g not in failed)
+
+  def active_slots(self) -> np.ndarray:
+    """int32 ``[P']``: the slots of the active GPUs, ascending (``P'`` = active GPUs x slots)."""
+    per_gpu = self.slots_per_gpu
+    gpus = np.asarray(self.active_gpus, np.int32)
+    return (gpus[:, None] * per_gpu + np.arange(per_gpu, dtype=np.int32)).reshape(-1)
+
+  def survivors(self) -> Topology:
+    """The problem the balancer solves on the active GPUs, renumbered ``0 .. G' - 1``.
+
+    This topology itself when no GPU failed. Otherwise ``G'`` GPUs of
+    ``slots_per_gpu`` slots each: on the hierarchical policy, when whole
+    nodes failed and the groups still split evenly over the surviving nodes,
+    the same groups on those nodes (the hierarchical policy again); in any
+    other case the global policy (one group, one node), since nodes with
+    fewer GPUs than the others break the hierarchical pipeline's equal packs.
+    """
+    if not self.failed_gpus:
+      return self
+    num_gpus = self.num_gpus - len(self.failed_gpus)
+    num_replicas = num_gpus * self.slots_per_gpu
+    per_node = self.gpus_per_node
+    failed_nodes = {g // per_node for g in self.failed_gpus}
+    whole_nodes = len(self.failed_gpus) == len(failed_nodes) * per_node
+    num_nodes = self.num_nodes - len(failed_nodes)
+    if self.policy == HIERARCHICAL and whole_nodes and self.num_groups % num_nodes == 0:
+      return Topology(num_replicas, self.num_groups, num_nodes, num_gpus)
+    return Topology(num_replicas, 1, 1, num_gpus)
 
   @property
   def policy(self) -> str:
@@ -110,9 +179,9 @@ class Topology:
         topology would take the global policy.
 
     Raises:
-      ValueError: ``num_replicas < E``; or, on the hierarchical policy,
-        ``num_groups`` does not divide ``E`` (or, with ``hierarchical``, is not
-        a multiple of ``num_nodes``).
+      ValueError: ``num_replicas < E``, or the active GPUs' slots ``< E``;
+        or, on the hierarchical policy, ``num_groups`` does not divide ``E``
+        (or, with ``hierarchical``, is not a multiple of ``num_nodes``).
     """
     if num_experts <= 0:
       raise ValueError(f"weight must have at least one expert, got {num_experts}")
@@ -130,4 +199,10 @@ class Topology:
       raise ValueError(
         f"num_groups must divide the number of logical experts ({num_experts}) "
         f"on the hierarchical path, got {self.num_groups}"
+      )
+    active_slots = self.survivors().num_replicas
+    if active_slots < num_experts:
+      raise ValueError(
+        f"failed_gpus must leave at least as many slots as logical experts ({num_experts}): "
+        f"failed GPUs {self.failed_gpus} leave {active_slots} of {self.num_replicas}"
       )

@@ -160,8 +160,4 @@ def migrate(
   phy2log = jax.vmap(jax.vmap(relabel.align_slots))(
     old.reshape(num_layers, num_gpus, -1), phy2log.reshape(num_layers, num_gpus, -1)
   ).reshape(num_layers, num_replicas)
-  logcnt = jnp.zeros((num_layers, num_logical), jnp.int32).at[rows, phy2log].add(1)
-  phyrank = ops.occurrence_rank(phy2log)
-  return placement.Placement(
-    phy2log, placement.logical_to_physical(phy2log, phyrank, num_logical), logcnt
-  )
+  return placement.from_phy2log(phy2log, num_logical)
