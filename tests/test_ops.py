@@ -20,7 +20,7 @@ VARIANTS = {"dispatch": ops, "cpu": cpu_ops, "xla": xla_ops}
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("n", [1, 2, 72, 96, 97, 128, 129, 448, 1000])
 def test_argsort_descending_is_the_stable_order(n, variant):
-  """Rank counting (n <= 128) and two sorts of single int32 keys (longer rows) on CPU, XLA's
+  """Rank counting (n <= 96) and two sorts of single int32 keys (longer rows) on CPU, XLA's
   sort elsewhere: on ties, values one ulp apart (only the low part of the key differs),
   signs and signed zeros."""
   rng = np.random.default_rng(n)
@@ -34,8 +34,6 @@ def test_argsort_descending_is_the_stable_order(n, variant):
   order = np.asarray(jax.jit(module.argsort_descending)(x))
   assert order.dtype == np.int32
   np.testing.assert_array_equal(order, np.argsort(-x, axis=-1, kind="stable"))
-  ranks = np.asarray(jax.jit(module.descending_ranks)(x))
-  np.testing.assert_array_equal(np.argsort(ranks, axis=-1), order)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -48,15 +46,11 @@ def test_coarse_argsort_ignores_only_the_lowest_bits(n, variant):
   near = np.float32(1.0) + rng.integers(0, 4, size=n).astype(np.float32) * np.float32(2**-23)
   mixed = np.stack([spaced, near, -spaced])
   module = VARIANTS[variant]
-  for fn in (
-    module.argsort_descending,
-    lambda x, exact: module.descending_ranks(x, exact).argsort(-1),
-  ):
-    order = np.asarray(jax.jit(fn, static_argnums=1)(mixed, False))
-    assert order.dtype == np.int32
-    np.testing.assert_array_equal(order[0], np.argsort(-spaced, kind="stable"))
-    np.testing.assert_array_equal(order[1], np.arange(n))
-    np.testing.assert_array_equal(order[2], np.argsort(spaced, kind="stable"))
+  order = np.asarray(jax.jit(module.argsort_descending, static_argnums=1)(mixed, False))
+  assert order.dtype == np.int32
+  np.testing.assert_array_equal(order[0], np.argsort(-spaced, kind="stable"))
+  np.testing.assert_array_equal(order[1], np.arange(n))
+  np.testing.assert_array_equal(order[2], np.argsort(spaced, kind="stable"))
 
 
 def test_coarse_orders_agree_across_variants():

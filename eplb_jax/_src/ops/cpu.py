@@ -33,26 +33,21 @@ def argmax_first(x: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.where(at_max, iota, x.shape[axis]).min(axis=axis)
 
 
-# Rows up to this long are rank-counted by an unrolled chain; longer ones by
-# a reduction, whose compile time is shorter.
-_UNROLL_MAX = 96
+# Rows up to this long are ranked by counting, longer ones sorted. Counting is
+# an unrolled chain of compare-and-adds, one per element, which XLA:CPU fuses
+# into one loop; its compile time grows with the row, and the alternative, an
+# [..., n, n] comparison reduced, falls out of cache on batched rows.
+_RANK_COUNT_MAX = 96
 
 
-def _ranks(key: jax.Array, index: jax.Array | None) -> jax.Array:
-  """Position of each element in the descending order of ``key [..., n]``.
+def _descending_ranks(x: jax.Array, exact: bool) -> jax.Array:
+  """Position of each element of ``x [..., n]`` (``n <= _RANK_COUNT_MAX``) in a stable
+  descending sort (int32); ``exact=False`` orders by :func:`keys.coarse_key`.
 
-  With ``index``, equal keys go to the lower index; without, keys are distinct.
-  Counts the elements that come before each with an unrolled chain of
-  compare-and-adds, one per element: XLA:CPU fuses it into one loop, whereas
-  it materialises a ``[..., n, n]`` comparison for a reduction.
+  Counts the elements that come before each; equal exact keys go to the lower index.
   """
-  if key.shape[-1] > _UNROLL_MAX:
-    before = key[..., None, :] > key[..., :, None]
-    if index is not None:
-      before |= (key[..., None, :] == key[..., :, None]) & (
-        index[..., None, :] < index[..., :, None]
-      )
-    return before.sum(axis=-1, dtype=jnp.int32)
+  key = x if exact else keys.coarse_key(x)
+  index = jnp.arange(x.shape[-1]) if exact else None
   count = jnp.zeros(key.shape, jnp.int32)
   for j in range(key.shape[-1]):
     before = key[..., j : j + 1] > key
@@ -62,22 +57,8 @@ def _ranks(key: jax.Array, index: jax.Array | None) -> jax.Array:
   return count
 
 
-def descending_ranks(x: jax.Array, exact: bool = True) -> jax.Array:
-  """Position of each element of ``x [..., n]`` in a stable descending sort (int32).
-
-  ``exact=False`` orders by :func:`keys.coarse_key` instead (one compare per pair).
-  """
-  if exact:
-    return _ranks(x, jnp.arange(x.shape[-1]))
-  return _ranks(keys.coarse_key(x), None)
-
-
 def _by_rank(x: jax.Array, ranks: jax.Array) -> jax.Array:
   return jnp.put_along_axis(jnp.zeros_like(x), ranks, x, axis=-1, inplace=False)
-
-
-# Above this length the O(n^2) rank count costs more than a sort.
-_RANK_COUNT_MAX = 128
 
 
 def _sort_indexed(key: jax.Array, bits: int) -> jax.Array:
@@ -100,7 +81,7 @@ def argsort_descending(x: jax.Array, exact: bool = True) -> jax.Array:
   n = x.shape[-1]
   if n <= _RANK_COUNT_MAX:
     iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), x.shape)
-    return _by_rank(iota, descending_ranks(x, exact))
+    return _by_rank(iota, _descending_ranks(x, exact))
   bits = keys.index_bits(n)
   if not exact:
     return _sort_indexed(keys.coarse_key(x), bits)
