@@ -312,7 +312,6 @@ def make_step(cfg: Config, mesh: Mesh, state: TrainState):
   return jax.jit(
     functools.partial(train_step, cfg=cfg, mesh=mesh),
     out_shardings=(shardings, NamedSharding(mesh, P())),
-    donate_argnums=0,
   )
 
 
