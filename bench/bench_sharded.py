@@ -25,6 +25,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
   ).strip()
 
 import argparse
+import dataclasses
 import functools
 import pathlib
 import sys
@@ -91,24 +92,25 @@ def bench_placement(names: list[str], mode: str, repeats: int) -> None:
 def bench_training_step(repeats: int) -> None:
   cfg = train_moe.Config()
   mesh = train_moe.make_mesh(cfg)
-  step = train_moe.make_step(cfg, mesh)
   state = train_moe.init_state(cfg, mesh)
+  step = train_moe.make_step(cfg, mesh, state)
   for _ in range(cfg.window):  # fill the load window with real router statistics
     state, _ = jax.block_until_ready(step(state))
   quiet = state._replace(step=jax.numpy.asarray(cfg.window, jax.numpy.int32))
   due = state._replace(step=jax.numpy.asarray(cfg.rebalance_every - 1, jax.numpy.int32))
   rebalance = jax.jit(functools.partial(train_moe.rebalance, cfg=cfg, mesh=mesh))
-  logical = train_moe.make_step(cfg.logical(), mesh)
-  logical_state = train_moe.init_state(cfg.logical(), mesh)
+  logical_cfg = dataclasses.replace(cfg, logical=True, rebalance_every=0)
+  logical_state = train_moe.init_state(logical_cfg, mesh)
+  logical = train_moe.make_step(logical_cfg, mesh, logical_state)
   rows = [
-    ("step without replicas (16 experts, 16 slots)", logical, logical_state),
-    ("step (24 slots), no rebalance", step, quiet),
-    ("step (24 slots) with the rebalance (lax.cond taken)", step, due),
-    ("rebalance alone (placement + weight re-layout)", rebalance, state),
+    ("logical model (every expert on every token, same drops)", logical, logical_state),
+    ("expert-parallel step, no rebalance", step, quiet),
+    ("expert-parallel step with the rebalance (lax.cond taken)", step, due),
+    ("rebalance alone (placement + weights + Adam moments)", rebalance, state),
   ]
   print(
     f"\n## Training step of examples/train_moe.py ({cfg.num_layers} layers, "
-    f"{cfg.num_experts} experts -> {cfg.num_slots} slots, {cfg.tokens} tokens, "
+    f"{cfg.num_experts} experts -> {cfg.num_replicas} slots, {cfg.tokens} tokens, "
     f"{NUM_DEVICES} host devices)"
   )
   print("| program | ms | relative to the step |")

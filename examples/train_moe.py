@@ -1,31 +1,36 @@
-"""Expert-parallel MoE training with in-step expert rebalancing, in pure JAX.
+"""Expert-parallel MoE training with in-step expert rebalancing, in pure JAX and optax.
 
-A tiny mixture-of-experts model (top-k router, ReLU expert MLPs, residual
+A small mixture-of-experts model (top-k router, ReLU expert MLPs, residual
 layers) learns a synthetic regression task on a 1-D ``expert`` device mesh
-(8 host devices on CPU). Its router is deliberately skewed, so a few experts
-get most tokens. Every step, inside one jitted function:
+(8 host devices on CPU), data and expert parallel: every device holds
+``T / 8`` tokens and ``P / 8`` expert slots. Its router is deliberately
+skewed, so a few experts get most tokens. Every step, inside one jitted
+function:
 
-1. the router's top-k ids are counted (:mod:`eplb_jax.runtime.stats`) into a sliding
-   window of per-expert loads;
-2. each (token, choice) is dispatched to one replica of its expert
-   (:func:`eplb_jax.runtime.dispatch.physical_slots`), spreading an expert's tokens
-   evenly over its replicas, and each slot's output is combined with the
-   token's gate weight;
-3. replica gradients are summed per logical expert, so replicas stay equal;
+1. each MoE layer (:func:`eplb_jax.runtime.moe.moe_layer`) sends every
+   (token, choice) to one replica of its expert with an all-to-all, drops
+   the pairs over a slot's capacity, runs each device's own slots and sends
+   the outputs back;
+2. the router's top-k ids are counted (:mod:`eplb_jax.runtime.stats`) into a
+   sliding window of per-expert loads;
+3. replica gradients are summed per logical expert
+   (:func:`eplb_jax.runtime.params.sum_replicas`) and Adam (optax) updates
+   every slot, so replicas stay equal;
 4. every ``--rebalance-every`` steps a ``lax.cond`` on the step counter
    recomputes the placement from the window (:func:`eplb_jax.rebalance_experts`)
-   and moves the expert weights to their new slots (:mod:`eplb_jax.runtime.params`).
+   and moves the expert weights and their Adam moments to the new slots
+   (:func:`eplb_jax.runtime.params.relayout`, :func:`~eplb_jax.runtime.params.relayout_state`).
 
-The slot axis ``P`` of the expert weights is sharded over the mesh, ``P / 8``
-slots per device, so a device's token load is the number of (token, choice)
-pairs dispatched to its slots. To keep the math easy to check, each device
-applies its slots to every token and masks by the combine weights (a real
-framework would send each device only its tokens, with an all-to-all): the
-output is then exactly the logical model's, whatever the placement. The
-script checks that: it also trains the plain logical model (one slot per
-expert, never rebalanced) and asserts both runs have the same losses.
+The script reports, per placement, the (token, choice) pairs each device
+receives (max / mean, against what the placement's balance on its window
+predicts), the fraction of pairs over capacity at capacity factors 1.0 and
+1.25 (both counted from the same routing) and the step time. It also trains
+the logical model (logical expert weights, each expert applied to every
+token, with the same placements deciding the same drops:
+:func:`eplb_jax.runtime.moe.moe_reference`) and asserts both runs have the
+same losses.
 
-Run: ``python examples/train_moe.py --steps 300 --rebalance-every 50``.
+Run: ``python examples/train_moe.py --steps 200 --rebalance-every 50``.
 """
 
 from __future__ import annotations
@@ -40,22 +45,26 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import argparse
 import dataclasses
 import functools
+import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eplb_jax
 from eplb_jax import Placement
-from eplb_jax.runtime import dispatch
+from eplb_jax.runtime import moe
 from eplb_jax.runtime import params as expert_params
 from eplb_jax.runtime import stats
 
 EXPERT_AXIS = "expert"
+# Capacity factors whose drops every step reports, from that step's routing.
+REPORTED_FACTORS = (1.0, 1.25)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,41 +75,48 @@ class Config:
   d_hidden: int = 64
   num_layers: int = 2
   num_experts: int = 16
-  num_slots: int = 24
+  num_replicas: int = 32
   top_k: int = 2
-  tokens: int = 256
+  tokens: int = 2048
   num_groups: int = 1
   num_nodes: int = 1
-  num_devices: int = 8
+  num_gpus: int = 8
   window: int = 20
   rebalance_every: int = 50
-  router_skew: float = 2.0
-  learning_rate: float = 0.05
+  capacity_factor: float | None = 1.25
+  router_skew: float = 0.75
+  # DeepSeek's placement: its replication minimises the largest replica load,
+  # and with a per-slot capacity the heaviest slot decides the drops.
+  mode: str = "greedy"
+  learning_rate: float = 1e-3
   seed: int = 0
-
-  def logical(self) -> Config:
-    """The same model without replicas or rebalancing: one slot per expert."""
-    return dataclasses.replace(self, num_slots=self.num_experts, rebalance_every=0)
+  # The logical model: expert weights [L, E, ...], no all-to-all, same drops.
+  logical: bool = False
 
 
 class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar
-  params: dict  # router [L, d, E], head [d, d], experts {w_in [L, P, d, h], w_out [L, P, h, d]}
+  params: dict  # router [L, d, E], head [d, d], experts {w_in [L, X, d, h], w_out [L, X, h, d]}
+  opt_state: optax.OptState
   placement: Placement
   window: stats.WindowState  # counts [W, L, E]
 
 
 def make_mesh(cfg: Config) -> Mesh:
-  if jax.device_count() < cfg.num_devices:
+  if jax.device_count() < cfg.num_gpus:
     raise ValueError(
-      f"num_devices ({cfg.num_devices}) exceeds the available devices ({jax.device_count()})"
+      f"num_gpus ({cfg.num_gpus}) exceeds the available devices ({jax.device_count()})"
     )
   return jax.make_mesh(
-    (cfg.num_devices,),
+    (cfg.num_gpus,),
     (EXPERT_AXIS,),
     axis_types=(jax.sharding.AxisType.Auto,),
-    devices=jax.devices()[: cfg.num_devices],
+    devices=jax.devices()[: cfg.num_gpus],
   )
+
+
+def optimizer(cfg: Config) -> optax.GradientTransformation:
+  return optax.adam(cfg.learning_rate)
 
 
 def router_skew(cfg: Config) -> jax.Array:
@@ -118,10 +134,22 @@ def batch(cfg: Config, step: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x, jnp.sin(x @ teacher / np.sqrt(cfg.d_model))
 
 
-def identity_placement(cfg: Config) -> Placement:
-  experts = jnp.arange(cfg.num_experts, dtype=jnp.int32)
-  phy2log = jnp.broadcast_to(experts, (cfg.num_layers, cfg.num_experts))
-  return Placement(phy2log, phy2log[..., None], jnp.ones_like(phy2log))
+def expert_mlp(params: dict, x: jax.Array) -> jax.Array:
+  """One expert on ``[n, d]`` rows."""
+  return jax.nn.relu(x @ params["w_in"]) @ params["w_out"]
+
+
+def uniform_placement(cfg: Config) -> Placement:
+  """``P / E`` replicas of every expert, slot ``s`` holding expert ``s mod E``."""
+  L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas // cfg.num_experts
+  if R * E != cfg.num_replicas:
+    raise ValueError(f"num_replicas ({cfg.num_replicas}) must be a multiple of num_experts ({E})")
+  phy2log = jnp.broadcast_to(jnp.arange(cfg.num_replicas, dtype=jnp.int32) % E, (L, R * E))
+  log2phy = jnp.arange(E, dtype=jnp.int32)[:, None] + E * jnp.arange(R, dtype=jnp.int32)
+  width = cfg.num_replicas - E + 1
+  log2phy = jnp.pad(log2phy, [(0, 0), (0, width - R)], constant_values=-1)
+  logcnt = jnp.full((L, E), R, jnp.int32)
+  return Placement(phy2log, jnp.broadcast_to(log2phy, (L, E, width)), logcnt)
 
 
 def init_state(cfg: Config, mesh: Mesh) -> TrainState:
@@ -132,100 +160,140 @@ def init_state(cfg: Config, mesh: Mesh) -> TrainState:
     "w_in": jax.random.normal(keys[0], (L, E, d, h)) / np.sqrt(d),
     "w_out": jax.random.normal(keys[1], (L, E, h, d)) / np.sqrt(h),
   }
-  if cfg.num_slots == cfg.num_experts:
-    placement = identity_placement(cfg)
-  else:
-    placement = eplb_jax.rebalance_experts(
-      jnp.ones((L, E)), cfg.num_slots, cfg.num_groups, cfg.num_nodes, cfg.num_devices
-    )
+  placement = uniform_placement(cfg)
   replicated = NamedSharding(mesh, P())
   params = {
     "router": jax.device_put(jax.random.normal(keys[2], (L, d, E)) / np.sqrt(d), replicated),
     "head": jax.device_put(jax.random.normal(keys[3], (d, d)) / np.sqrt(d), replicated),
-    "experts": expert_params.apply_placement(logical, placement.phy2log, mesh=mesh),
+    "experts": (
+      jax.device_put(logical, replicated)
+      if cfg.logical
+      else expert_params.apply_placement(logical, placement.phy2log, mesh=mesh)
+    ),
   }
   window = stats.window_init(cfg.window, (L, E))
-  return TrainState(jnp.zeros((), jnp.int32), params, placement, window)
+  opt_state = optimizer(cfg).init(params)
+  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, placement, window)
+  # Every leaf on the mesh (replicated unless already laid out there), so that
+  # the step can keep each leaf where it is.
+  on_mesh = set(mesh.devices.flat)
+  return jax.tree.map(
+    lambda a: a if a.sharding.device_set == on_mesh else jax.device_put(a, replicated), state
+  )
 
 
 def loss_fn(
-  params: dict, placement: Placement, x: jax.Array, y: jax.Array, cfg: Config
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """MSE loss; aux: router ids ``[L, T, k]`` and dispatched slots ``[L, T, k]``."""
+  params: dict, placement: Placement, x: jax.Array, y: jax.Array, cfg: Config, mesh: Mesh
+) -> tuple[jax.Array, tuple[jax.Array, moe.DispatchStats]]:
+  """MSE loss; aux: router ids ``[L, T, k]`` and the layers' stacked dispatch stats."""
   skew = router_skew(cfg)
-  rows = jnp.arange(cfg.tokens)[:, None]
-  h, all_ids, all_slots = x, [], []
+  # Data parallel: every device holds T / G tokens (and computes only those).
+  x, y = (jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(EXPERT_AXIS))) for a in (x, y))
+  h, all_ids, all_stats = x, [], []
   for layer in range(cfg.num_layers):
-    probs = jax.nn.softmax(h @ params["router"][layer] + skew[layer])
-    gate, ids = jax.lax.top_k(probs, cfg.top_k)
-    gate = gate / gate.sum(-1, keepdims=True)
-    slots = dispatch.physical_slots(
-      placement.log2phy[layer], placement.logcnt[layer], ids
-    )  # [T, k]
-    combine = jnp.zeros((cfg.tokens, cfg.num_slots)).at[rows, slots].add(gate)  # [T, P]
-    w_in = params["experts"]["w_in"][layer]
-    w_out = params["experts"]["w_out"][layer]
-    hidden = jax.nn.relu(jnp.einsum("td,sdh->sth", h, w_in))  # [P, T, h], sharded over P
-    out = jnp.einsum("sth,shd->std", hidden, w_out)
-    h = h + jnp.einsum("ts,std->td", combine, out)
+    gates, ids = moe.top_k_routing(h @ params["router"][layer] + skew[layer], cfg.top_k)
+    experts = jax.tree.map(lambda w, layer=layer: w[layer], params["experts"])
+    maps = placement.log2phy[layer], placement.logcnt[layer]
+    routing = (h, gates, ids, experts, expert_mlp, *maps)
+    if cfg.logical:
+      out, layer_stats = moe.moe_reference(
+        *routing, num_gpus=cfg.num_gpus, capacity_factor=cfg.capacity_factor
+      )
+    else:
+      out, layer_stats = moe.moe_layer(
+        *routing, mesh=mesh, expert_axis=EXPERT_AXIS, capacity_factor=cfg.capacity_factor
+      )
+    h = h + out
     all_ids.append(ids)
-    all_slots.append(slots)
+    all_stats.append(layer_stats)
   loss = jnp.mean((h @ params["head"] - y) ** 2)
-  return loss, (jnp.stack(all_ids), jnp.stack(all_slots))
+  return loss, (jnp.stack(all_ids), jax.tree.map(lambda *s: jnp.stack(s), *all_stats))
 
 
-def device_imbalance(loads: jax.Array) -> jax.Array:
-  """Mean over layers of max / mean device load, for ``loads [L, devices]``."""
+def imbalance(loads: jax.Array) -> jax.Array:
+  """Mean over layers of max / mean load, for ``loads [L, G]``."""
+  loads = loads.astype(jnp.float32)
   return jnp.mean(loads.max(-1) / jnp.maximum(loads.mean(-1), 1e-9))
 
 
-def sync_replicas(grads: dict, phy2log: jax.Array, num_experts: int, mesh: Mesh) -> dict:
-  """Gives every replica the summed gradient of its logical expert (``[L, P, ...]`` leaves)."""
-
-  def per_expert(g: jax.Array) -> jax.Array:
-    return jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_experts))(g, phy2log)
-
-  return expert_params.apply_placement(jax.tree.map(per_expert, grads), phy2log, mesh=mesh)
+def drop_fraction(routed: jax.Array, capacity: int) -> jax.Array:
+  """The fraction of the pairs in ``routed [L, G, P]`` beyond ``capacity`` per device and slot."""
+  return jnp.maximum(routed - capacity, 0).sum() / jnp.maximum(routed.sum(), 1)
 
 
-def rebalance(
-  state: TrainState, cfg: Config, mesh: Mesh
-) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
-  """New placement from the window; returns the state and device imbalance before/after.
+def next_placement(
+  window: stats.WindowState, old: Placement, cfg: Config
+) -> tuple[Placement, tuple[jax.Array, jax.Array]]:
+  """New placement from the window, and the GPU imbalance it predicts, before and after.
 
-  A layer keeps its placement unless the new one lowers its heaviest device
-  load on the window (the balancer does not see the current placement).
+  The prediction is ``max / mean`` of :meth:`Placement.gpu_loads` on the
+  window, for the old placement and the new one. A layer keeps its placement
+  unless the new one lowers its heaviest GPU load on the window (the
+  balancer does not see the current placement).
   """
-  load = stats.window_load(state.window)
-  old = state.placement
+  load = stats.window_load(window)
   new = eplb_jax.rebalance_experts(
-    load, cfg.num_slots, cfg.num_groups, cfg.num_nodes, cfg.num_devices
+    load, cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus, mode=cfg.mode
   )
-  before = old.gpu_loads(load, cfg.num_devices)
-  after = new.gpu_loads(load, cfg.num_devices)
+  before = old.gpu_loads(load, cfg.num_gpus)
+  after = new.gpu_loads(load, cfg.num_gpus)
   better = after.max(-1) < before.max(-1)  # [L]
   new = jax.tree.map(
     lambda n, o: jnp.where(better.reshape(-1, *[1] * (n.ndim - 1)), n, o), new, old
   )
   after = jnp.where(better[:, None], after, before)
-  experts = expert_params.relayout(state.params["experts"], old.log2phy, new.phy2log, mesh=mesh)
-  params = {**state.params, "experts": experts}
-  state = state._replace(params=params, placement=new)
-  return state, (device_imbalance(before), device_imbalance(after))
+  return new, (imbalance(before), imbalance(after))
+
+
+def rebalance(
+  state: TrainState, cfg: Config, mesh: Mesh
+) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  """Re-plans from the window and moves the expert weights and their Adam moments."""
+  old = state.placement
+  new, predicted = next_placement(state.window, old, cfg)
+  params, opt_state = state.params, state.opt_state
+  if not cfg.logical:
+    experts = params["experts"]
+    params = {
+      **params,
+      "experts": expert_params.relayout(experts, old.log2phy, new.phy2log, mesh=mesh),
+    }
+    opt_state = expert_params.relayout_state(
+      opt_state, experts, old.log2phy, new.phy2log, mesh=mesh
+    )
+  return state._replace(params=params, opt_state=opt_state, placement=new), predicted
+
+
+def step_metrics(loss: jax.Array, dispatched: moe.DispatchStats, cfg: Config) -> dict:
+  """Loss, pairs per GPU and their max / mean, and the fractions dropped."""
+  tokens_per_gpu = cfg.tokens // cfg.num_gpus
+  out = {
+    "loss": loss,
+    "imbalance": imbalance(dispatched.gpu_tokens()),
+    "gpu_tokens": dispatched.gpu_tokens(),
+    "dropped": dispatched.dropped.sum() / jnp.maximum(dispatched.routed.sum(), 1),
+  }
+  for factor in REPORTED_FACTORS:
+    capacity = moe.capacity(tokens_per_gpu, cfg.top_k, cfg.num_replicas, factor)
+    out[f"dropped@{factor}"] = drop_fraction(dispatched.routed, capacity)
+  return out
 
 
 def train_step(state: TrainState, cfg: Config, mesh: Mesh) -> tuple[TrainState, dict]:
-  """One SGD step, then (every ``rebalance_every`` steps) a rebalance, all in one program."""
+  """One Adam step, then (every ``rebalance_every`` steps) a rebalance, all in one program."""
   x, y = batch(cfg, state.step)
-  (loss, (ids, slots)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    state.params, state.placement, x, y, cfg
+  (loss, (ids, dispatched)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state.params, state.placement, x, y, cfg, mesh
   )
-  grads["experts"] = sync_replicas(grads["experts"], state.placement.phy2log, cfg.num_experts, mesh)
-  params = jax.tree.map(lambda p, g: p - cfg.learning_rate * g, state.params, grads)
-  slot_load = stats.expert_counts(slots, cfg.num_slots).reshape(cfg.num_layers, cfg.num_devices, -1)
+  if not cfg.logical:
+    grads["experts"] = expert_params.sum_replicas(
+      grads["experts"], state.placement.phy2log, cfg.num_experts, mesh=mesh
+    )
+  updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
   window = stats.window_update(state.window, stats.expert_counts(ids, cfg.num_experts))
-  state = TrainState(state.step + 1, params, state.placement, window)
-  out = {"loss": loss, "imbalance": device_imbalance(slot_load.sum(-1).astype(jnp.float32))}
+  state = TrainState(state.step + 1, params, opt_state, state.placement, window)
+  out = step_metrics(loss, dispatched, cfg)
   if cfg.rebalance_every:
     due = state.step % cfg.rebalance_every == 0
     nan = jnp.full((), jnp.nan)
@@ -238,32 +306,109 @@ def train_step(state: TrainState, cfg: Config, mesh: Mesh) -> tuple[TrainState, 
   return state, out
 
 
-def make_step(cfg: Config, mesh: Mesh):
-  """The jitted ``state -> (state, metrics)`` step for ``cfg`` on ``mesh``."""
-  return jax.jit(functools.partial(train_step, cfg=cfg, mesh=mesh))
+def make_step(cfg: Config, mesh: Mesh, state: TrainState):
+  """The jitted ``state -> (state, metrics)`` step, keeping ``state``'s shardings."""
+  shardings = jax.tree.map(lambda a: a.sharding, state)
+  return jax.jit(
+    functools.partial(train_step, cfg=cfg, mesh=mesh),
+    out_shardings=(shardings, NamedSharding(mesh, P())),
+  )
 
 
-def train(cfg: Config, steps: int, mesh: Mesh) -> dict[str, np.ndarray]:
-  """Trains for ``steps`` steps; returns the per-step metrics as ``[steps]`` arrays."""
-  step_fn = make_step(cfg, mesh)
-  state = init_state(cfg, mesh)
+def run_steps(step_fn, state, steps: int) -> dict[str, np.ndarray]:
+  """Calls ``state, metrics = step_fn(state)`` ``steps`` times; returns ``[steps, ...]`` metrics.
+
+  ``seconds`` is each step's wall time (the first one includes compilation).
+  """
   history = []
   for _ in range(steps):
+    start = time.perf_counter()
     state, out = step_fn(state)
     # Waiting for each step keeps consecutive steps from overlapping: on a few
     # CPU cores, XLA:CPU's in-process collectives can deadlock when they do.
-    history.append(jax.device_get(out))
+    out = jax.device_get(out)
+    out["seconds"] = time.perf_counter() - start
+    history.append(out)
   return {k: np.asarray([h[k] for h in history]) for k in history[0]}
+
+
+def train(cfg: Config, steps: int, mesh: Mesh) -> dict[str, np.ndarray]:
+  """Trains for ``steps`` steps; returns the per-step metrics (:func:`run_steps`)."""
+  state = init_state(cfg, mesh)
+  return run_steps(make_step(cfg, mesh, state), state, steps)
+
+
+class Period(NamedTuple):
+  """Figures for the steps served by one placement."""
+
+  first: int  # first step served (1-based)
+  last: int
+  predicted: float  # max / mean GPU load of the placement on a window, nan if not scored
+  measured: float  # max / mean pairs per GPU, mean over the steps
+  summed: float  # max / mean pairs per GPU summed over the steps
+  dropped: dict[float, float]  # capacity factor -> fraction of pairs dropped
+  seconds: float  # median step time
+
+
+def periods(run: dict[str, np.ndarray], rebalance_every: int) -> list[Period]:
+  """Splits a run at its rebalances; ``predicted`` scores each placement on a window.
+
+  The initial placement is scored by the first rebalance (its ``before``),
+  every later one when it was made (its ``after``).
+  """
+  steps = len(run["loss"])
+  rebalanced = np.flatnonzero(~np.isnan(run["before"])) if rebalance_every else np.array([], int)
+  bounds = [0, *(rebalanced + 1), steps]
+  result = []
+  for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    if start == stop:
+      continue
+    if i == 0:
+      predicted = run["before"][rebalanced[0]] if len(rebalanced) else np.nan
+    else:
+      predicted = run["after"][rebalanced[i - 1]]
+    summed = run["gpu_tokens"][start:stop].sum(0)
+    timed = run["seconds"][max(start, 1) : stop]  # the first step compiles
+    result.append(
+      Period(
+        first=start + 1,
+        last=stop,
+        predicted=float(predicted),
+        measured=float(run["imbalance"][start:stop].mean()),
+        summed=float(np.mean(summed.max(-1) / summed.mean(-1))),
+        dropped={f: float(run[f"dropped@{f}"][start:stop].mean()) for f in REPORTED_FACTORS},
+        seconds=float(np.median(timed)) if len(timed) else np.nan,
+      )
+    )
+  return result
+
+
+def table(rows: list[Period]) -> list[str]:
+  """Markdown table of :func:`periods`."""
+  lines = [
+    "| steps | predicted max/mean | measured max/mean | summed max/mean | "
+    + " | ".join(f"dropped cf {f}" for f in REPORTED_FACTORS)
+    + " | step ms |",
+    "|---|---:|---:|---:|" + "---:|" * len(REPORTED_FACTORS) + "---:|",
+  ]
+  for p in rows:
+    drops = " | ".join(f"{100 * p.dropped[f]:.2f}%" for f in REPORTED_FACTORS)
+    lines.append(
+      f"| {p.first}-{p.last} | {p.predicted:.3f} | {p.measured:.3f} | {p.summed:.3f} | {drops} "
+      f"| {1e3 * p.seconds:.1f} |"
+    )
+  return lines
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--rebalance-every", type=int, default=50)
   parser.add_argument("--window", type=int, default=20, help="steps of load statistics")
-  parser.add_argument("--router-skew", type=float, default=2.0)
+  parser.add_argument("--router-skew", type=float, default=0.75)
+  parser.add_argument("--capacity-factor", type=float, default=1.25)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--rtol", type=float, default=1e-5, help="loss match tolerance")
+  parser.add_argument("--rtol", type=float, default=1e-4, help="loss match tolerance")
   args = parser.parse_args(argv)
   if args.rebalance_every <= 0:
     parser.error("--rebalance-every must be positive")
@@ -272,34 +417,27 @@ def main(argv: list[str] | None = None) -> None:
     window=args.window,
     rebalance_every=args.rebalance_every,
     router_skew=args.router_skew,
+    capacity_factor=args.capacity_factor,
     seed=args.seed,
   )
   mesh = make_mesh(cfg)
   print(
-    f"{cfg.num_layers} MoE layers, {cfg.num_experts} experts -> {cfg.num_slots} slots "
-    f"on {cfg.num_devices} devices, top-{cfg.top_k}, {cfg.tokens} tokens/step"
+    f"{cfg.num_layers} MoE layers, {cfg.num_experts} experts -> {cfg.num_replicas} slots "
+    f"on {cfg.num_gpus} devices, top-{cfg.top_k}, {cfg.tokens} tokens/step, "
+    f"capacity factor {cfg.capacity_factor}"
   )
   run = train(cfg, args.steps, mesh)
-  for step in np.flatnonzero(~np.isnan(run["before"])):
-    print(
-      f"step {step + 1:4d}: rebalance; device load max/mean over the last {cfg.window} steps "
-      f"{run['before'][step]:.3f} -> {run['after'][step]:.3f}"
-    )
-  first = cfg.rebalance_every
-  if args.steps > first:
-    print(
-      f"measured per-step device load max/mean: {run['imbalance'][:first].mean():.3f} "
-      f"before the first rebalance, {run['imbalance'][first:].mean():.3f} after"
-    )
+  print("\n".join(table(periods(run, cfg.rebalance_every))))
 
-  baseline = train(cfg.logical(), args.steps, mesh)
-  error = np.max(np.abs(run["loss"] - baseline["loss"]) / np.abs(baseline["loss"]))
+  logical = train(dataclasses.replace(cfg, logical=True), args.steps, mesh)
+  error = np.max(np.abs(run["loss"] - logical["loss"]) / np.abs(logical["loss"]))
   print(
     f"loss {run['loss'][0]:.4f} -> {run['loss'][-1]:.4f}; max relative difference to the "
-    f"logical model without rebalancing: {error:.2e}"
+    f"logical model with the same drops: {error:.2e}"
   )
-  np.testing.assert_allclose(run["loss"], baseline["loss"], rtol=args.rtol)
-  print("OK: rebalancing left the losses unchanged")
+  np.testing.assert_allclose(run["loss"], logical["loss"], rtol=args.rtol)
+  np.testing.assert_array_equal(run["dropped"], logical["dropped"])
+  print("OK: the expert-parallel model matches the logical model")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,68 @@ class ApplyPlacementTest(chex.TestCase):
       params.apply_placement(stacked_params(3, 8), phy2log, mesh=mesh, expert_axis="experts")
 
 
+class ReplicaGradientTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_sum_replicas_matches_numpy(self):
+    phy2log, _ = placement()
+    rng = np.random.default_rng(1)
+    grads = {"w": rng.normal(size=(3, 12, 3, 2)), "b": rng.normal(size=(3, 12))}
+    grads = jax.tree.map(lambda g: g.astype(np.float32), grads)
+    out = self.variant(params.sum_replicas, static_argnums=2)(grads, phy2log, 8)
+    index = np.asarray(phy2log)
+    for layer in range(3):
+      for slot in range(12):
+        same = index[layer] == index[layer, slot]
+        for name in grads:
+          expected = np.asarray(grads[name])[layer][same].sum(0)
+          np.testing.assert_allclose(out[name][layer, slot], expected, rtol=1e-6)
+
+  def test_sum_replicas_one_layer_and_errors(self):
+    phy2log, _ = placement(num_layers=1)
+    grads = jnp.arange(12.0)
+    out = params.sum_replicas(grads, phy2log[0], 8)
+    totals = np.bincount(np.asarray(phy2log[0]), weights=np.arange(12.0), minlength=8)
+    np.testing.assert_array_equal(out, totals[np.asarray(phy2log[0])])
+    with pytest.raises(ValueError, match="num_experts"):
+      params.sum_replicas(grads, phy2log[0], 0)
+    with pytest.raises(ValueError, match="12 slots"):
+      params.sum_replicas(jnp.arange(8.0), phy2log[0], 8)
+    with pytest.raises(ValueError, match=r"phy2log must hold ids in \[0, 4\)"):
+      params.sum_replicas(grads, phy2log[0], 4)
+
+
+class RelayoutStateTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_adam_moments_move_with_their_parameters(self):
+    optax = pytest.importorskip("optax")
+    old_phy2log, old_log2phy = placement(seed=0)
+    new_phy2log, _ = placement(seed=1)
+    tree = stacked_params(3, 8)
+    logical = {"w": tree["w"], "b": tree["b"]["bias"]}
+    adam = optax.adam(0.1)
+
+    def adam_state(experts):
+      # One step with the parameters as gradients: moments differ per expert, and
+      # are equal over an expert's replicas. The head is [L, P] too, but no expert.
+      model = {"experts": experts, "head": jnp.ones((3, 12))}
+      grads = {"experts": experts, "head": jnp.full((3, 12), 2.0)}
+      return adam.update(grads, adam.init(model), model)[1]
+
+    per_slot = params.apply_placement(logical, old_phy2log)
+    state = adam_state(per_slot)
+    moved = self.variant(params.relayout_state)(state, per_slot, old_log2phy, new_phy2log)
+    logical_state = adam_state(logical)
+    for field in ("mu", "nu"):
+      chex.assert_trees_all_equal(
+        getattr(moved[0], field)["experts"],
+        params.apply_placement(getattr(logical_state[0], field)["experts"], new_phy2log),
+      )
+      chex.assert_trees_all_equal(
+        getattr(moved[0], field)["head"], getattr(state[0], field)["head"]
+      )
+    chex.assert_trees_all_equal(moved[0].count, state[0].count)
+
+
 @pytest.fixture(scope="module")
 def results() -> dict[str, str]:
   return run_checks("params")

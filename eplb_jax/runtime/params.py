@@ -21,6 +21,8 @@ steps, not every step.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +180,111 @@ def relayout(
   source = jnp.take_along_axis(first, checks.narrow_ids(new_phy2log, num_experts, num_experts), -1)
   _check_range(source, "log2phy", num_slots, "slots of params (first replicas)")
   return _gather(params, checks.narrow_ids(source, num_slots, num_slots), mesh, expert_axis)
+
+
+def sum_replicas(
+  grads: PyTree,
+  phy2log: jax.typing.ArrayLike,
+  num_experts: int,
+  *,
+  mesh: Mesh | None = None,
+  expert_axis: str = "expert",
+) -> PyTree:
+  """Gives every slot the sum over the replicas of its expert: the logical expert's gradient.
+
+  With replicas of one expert in several slots, the loss's gradient with
+  respect to one slot's parameters covers only the tokens that slot served;
+  the logical expert's gradient is the sum over its replicas. Applying it to
+  every replica keeps replicas identical through the optimizer step, as the
+  logical model would train them.
+
+  Communication: a segment sum over the slot axis and a gather back; on a
+  sharded slot axis XLA combines the per-device partial sums with one
+  all-reduce of ``[E, ...]`` per leaf (``[L, E, ...]`` for layered leaves).
+
+  Args:
+    grads: pytree of per-slot leaves ``[P, ...]`` (or ``[L, P, ...]``).
+    phy2log: int logical expert of each slot, ``[P]`` or ``[L, P]``. An id
+      outside ``[0, num_experts)`` raises ``ValueError`` when called eagerly;
+      under ``jax.jit`` its slot neither contributes nor receives (zeros).
+    num_experts: ``E`` (static).
+    mesh: as in :func:`apply_placement`.
+    expert_axis: as in :func:`apply_placement`.
+
+  Returns:
+    The pytree of ``grads``' shapes: slot ``s`` holds the sum of ``grads``
+    over the slots of expert ``phy2log[s]``.
+
+  Raises:
+    ValueError: ``phy2log`` is not an integer ``[P]`` or ``[L, P]`` array,
+      the leaves do not have its layers and ``P`` slots, ``num_experts`` is
+      not a positive int, or (eagerly) an id is outside ``[0, num_experts)``.
+  """
+  num_experts = checks.check_size(num_experts, "num_experts")
+  phy2log = _check_map(phy2log, "phy2log")
+  leaves = _check_leaves(grads, phy2log)
+  if leaves and leaves[0].shape[phy2log.ndim - 1] != phy2log.shape[-1]:
+    raise ValueError(
+      f"grads leaves must have the {phy2log.shape[-1]} slots of phy2log, got a leaf of shape "
+      f"{leaves[0].shape}"
+    )
+  _check_range(phy2log, "phy2log", num_experts, "experts")
+  ids = checks.narrow_ids(phy2log, num_experts, num_experts)  # num_experts: dropped
+
+  def per_expert(leaf: jax.typing.ArrayLike) -> jax.Array:
+    total = functools.partial(jax.ops.segment_sum, num_segments=num_experts)
+    return jax.vmap(total)(leaf, ids) if ids.ndim == 2 else total(leaf, ids)
+
+  return _gather(jax.tree.map(per_expert, grads), ids, mesh, expert_axis)
+
+
+def relayout_state(
+  state: PyTree,
+  params: PyTree,
+  log2phy: jax.typing.ArrayLike,
+  new_phy2log: jax.typing.ArrayLike,
+  *,
+  mesh: Mesh | None = None,
+  expert_axis: str = "expert",
+) -> PyTree:
+  """Moves the per-slot parts of an optimizer state with the parameters they mirror.
+
+  An optimizer keeps per-parameter statistics in trees shaped like the
+  parameters (optax's Adam: ``mu`` and ``nu``) next to leaves of its own
+  (step counts). Every subtree of ``state`` with the tree structure and leaf
+  shapes of the per-slot ``params`` moves as :func:`relayout` moves
+  ``params``; everything else is returned as it is. When replicas of an
+  expert got identical updates (:func:`sum_replicas`), their statistics are
+  identical too, and the moved state is the one the logical model would have
+  under the new placement.
+
+  Args:
+    state: the optimizer state, any pytree (e.g. ``optimizer.init(params)``,
+      or its part for the expert parameters).
+    params: the per-slot parameters the statistics mirror, laid out by the
+      old placement (only their structure and shapes are used).
+    log2phy: as in :func:`relayout`.
+    new_phy2log: as in :func:`relayout`.
+    mesh: as in :func:`apply_placement`.
+    expert_axis: as in :func:`apply_placement`.
+
+  Returns:
+    ``state`` with its per-slot subtrees laid out by the new placement.
+
+  Raises:
+    ValueError: as :func:`relayout`.
+  """
+  treedef = jax.tree.structure(params)
+  shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(params)]
+
+  def mirrors(node: PyTree) -> bool:
+    if jax.tree.structure(node) != treedef:
+      return False
+    return [jnp.shape(leaf) for leaf in jax.tree.leaves(node)] == shapes
+
+  def move(node: PyTree) -> PyTree:
+    if mirrors(node):
+      return relayout(node, log2phy, new_phy2log, mesh=mesh, expert_axis=expert_axis)
+    return node
+
+  return jax.tree.map(move, state, is_leaf=mirrors)

@@ -1,0 +1,98 @@
+"""The expert-parallel MoE layer on 8 host devices, with and without rebalancing.
+
+Trains ``examples/train_moe.py``'s model (2 MoE layers, 16 experts on 32
+slots, top-2, 2048 tokens per step, a skewed router, capacity factor 1.25)
+and reports, per placement: the (token, choice) pairs each device receives
+(max / mean per step, against what the placement's balance on its window
+predicts), the fraction of pairs over capacity at capacity factors 1.0 and
+1.25 (both from the same routing), and the median step time; plus the time
+of the steps that rebalance. Runs: rebalancing every 50 steps at two router
+skews, and the same model never rebalanced.
+
+Run: ``python bench/moe_layer.py [--markdown bench/results/moe_layer.md]`` (about a minute
+on 2 CPU cores). Host devices share the CPU, so step times say little about an accelerator:
+the token figures are the result.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
+import train_moe  # noqa: E402
+
+STEPS = 150
+
+
+def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> list[str]:
+  rows = train_moe.periods(run, cfg.rebalance_every)
+  lines = [f"### {name}", "", *train_moe.table(rows), ""]
+  rebalancing = run["seconds"][~np.isnan(run["before"])] if cfg.rebalance_every else []
+  if len(rebalancing):
+    lines.append(f"- steps that rebalance: median {1e3 * np.median(rebalancing):.1f} ms")
+  if len(rows) > 1:
+    first, second = rows[0], rows[1]
+    lines.append(
+      f"- first rebalance: dropped at cf 1.25 {100 * first.dropped[1.25]:.2f}% -> "
+      f"{100 * second.dropped[1.25]:.2f}% ({first.dropped[1.25] / second.dropped[1.25]:.1f}x "
+      f"fewer); at cf 1.0 {100 * first.dropped[1.0]:.2f}% -> {100 * second.dropped[1.0]:.2f}%"
+    )
+    worst = max(p.measured / p.predicted for p in rows[1:])
+    lines.append(f"- after it: measured max/mean at most {worst:.3f}x the prediction")
+  return [*lines, ""]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--markdown", type=pathlib.Path, help="also write the report here")
+  args = parser.parse_args()
+  base = train_moe.Config()
+  mesh = train_moe.make_mesh(base)
+  runs = {
+    f"router skew {base.router_skew}, rebalanced every {base.rebalance_every} steps": base,
+    "router skew 1.0, rebalanced every 50 steps": dataclasses.replace(base, router_skew=1.0),
+    f"router skew {base.router_skew}, never rebalanced": dataclasses.replace(
+      base, rebalance_every=0
+    ),
+  }
+  lines = [
+    "# Expert-parallel MoE layer on 8 host devices",
+    "",
+    f"`python bench/moe_layer.py`: jax {jax.__version__}, {jax.device_count()} host devices "
+    f"on {os.cpu_count()} CPU cores. Model: {base.num_layers} layers, {base.num_experts} experts "
+    f"on {base.num_replicas} slots ({base.num_replicas // base.num_gpus} per device), "
+    f"top-{base.top_k}, {base.tokens} tokens per step ({base.tokens // base.num_gpus} per "
+    f"device), capacity factor {base.capacity_factor} per slot and sending device, "
+    f"window {base.window} steps, mode {base.mode!r}, {STEPS} steps per run.",
+    "",
+    "Columns: *predicted* is max / mean GPU load of the placement on a window "
+    "(`Placement.gpu_loads`; the initial placement scored on the first rebalance's window); "
+    "*measured* is max / mean of the pairs each device received per step, averaged over the "
+    "steps, *summed* the same over the steps' total; drops are pairs over a slot's capacity "
+    "from one device, as a fraction of all pairs, for both capacity factors from the same "
+    "routing; step ms is the median (the first step, which compiles, excluded).",
+    "",
+  ]
+  for name, cfg in runs.items():
+    run = train_moe.train(cfg, STEPS, mesh)
+    lines += describe(name, cfg, run)
+    print("\n".join(describe(name, cfg, run)), flush=True)
+  if args.markdown:
+    args.markdown.write_text("\n".join(lines).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+  main()
