@@ -116,8 +116,8 @@ def test_candidates():
 def test_bad_knobs_are_named():
   with pytest.raises(ValueError, match="greedy_steps must be a non-negative int"):
     eplb_jax.GpuAware(greedy_steps=-1)
-  with pytest.raises(ValueError, match="greedy_steps_spare must be a non-negative int"):
-    eplb_jax.GpuAware(greedy_steps_spare=1.5)
+  with pytest.raises(ValueError, match="greedy_steps must be a non-negative int"):
+    eplb_jax.GpuAware(greedy_steps=1.5)
   with pytest.raises(ValueError, match="refined must be a Refined instance"):
     eplb_jax.GpuAware(refined="refined")
   assert eplb_jax.GpuAware(refined=eplb_jax.Refined(max_steps=8)) != eplb_jax.GpuAware()

@@ -175,13 +175,12 @@ def domain_rows(
   num_gpus: int,
   rows_per_layer: int,
   mode: GpuAware,
-  greedy_steps: int,
 ) -> Domains:
   """GPU-aware counts and packing of the domains ``weight [X, n]`` onto ``num_gpus`` GPUs each.
 
   Runs of ``rows_per_layer`` consecutive rows share a layer (for the
-  refinement's choice of rows). ``greedy_steps`` single-head swap steps
-  refine greedy's packing of the water-filling counts.
+  refinement's choice of rows). Up to ``mode.greedy_steps`` single-head swap
+  steps refine greedy's packing of the water-filling counts.
   """
   rows = weight.shape[0]
   candidates = _candidates(weight, num_slots, num_gpus)
@@ -208,9 +207,9 @@ def domain_rows(
 
   # DeepSeek's placement of the domain: greedy packing of the water-filling.
   slots = jax.vmap(functools.partial(packing.greedy_slots, num_packs=num_gpus))(water.load)
-  if greedy_steps and num_slots > 2 * num_gpus:
+  if mode.greedy_steps and num_slots > 2 * num_gpus:
     heaviest = packing.heaviest_pack(water.load, slots)
-    slots = _single_head(water.load, slots, heaviest, rows_per_layer, greedy_steps)
+    slots = _single_head(water.load, slots, heaviest, rows_per_layer, mode.greedy_steps)
   greedy = water._replace(slots=slots, heaviest=packing.heaviest_pack(water.load, slots))
   use_greedy = greedy.heaviest < chosen.heaviest
   return jax.tree.map(

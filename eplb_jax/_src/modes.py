@@ -85,11 +85,11 @@ class GpuAware:
      rotation of exchanges finds none (the refinement's own stopping rule),
      with a cap of 64 steps rather than 16 as a bound on the cost;
   3. DeepSeek's greedy packing of DeepSeek's counts is also a candidate,
-     refined by single-head swaps (the heaviest GPU's best exchange with
-     any other) for ``greedy_steps`` steps without spare slots,
-     ``greedy_steps_spare`` with spare slots on the global policy, none
-     with spare slots on the hierarchical policy; the lighter of (2) and
-     (3) is kept (ties to (2));
+     refined by up to ``greedy_steps`` single-head swaps (the heaviest
+     GPU's best exchange with any other; on the hierarchical policy in the
+     two nodes of each layer with the heaviest GPUs), which is the min-max
+     refinement of the greedy that published balancers add to DeepSeek's;
+     the lighter of (2) and (3) is kept (ties to (2));
   4. on the hierarchical policy with more than two groups per node, the
      expert groups are packed onto nodes three ways (greedy, refined, and
      greedy refined by single-head swaps), each runs 1-3, and each layer
@@ -105,26 +105,21 @@ class GpuAware:
   Attributes:
     refined: the differencing and swap refinement of the kept candidate
       (and of the refined group packing); its ``max_steps`` defaults to 64.
-    greedy_steps: single-head swap steps for greedy's packing in a domain
-      without spare slots (where the counts are fixed and the packing is
-      the only lever), and for greedy's groups-to-nodes packing (4).
-    greedy_steps_spare: the same in a domain with spare slots on the global
-      policy.
+    greedy_steps: the most single-head swap steps for greedy's packing (3)
+      and for greedy's groups-to-nodes packing (4).
   """
 
   refined: Refined = Refined(max_steps=64)
   greedy_steps: int = 50
-  greedy_steps_spare: int = 16
 
   name = "gpu_aware"
 
   def __post_init__(self):
     if not isinstance(self.refined, Refined):
       raise ValueError(f"refined must be a Refined instance, got {self.refined!r}")
-    for name in ("greedy_steps", "greedy_steps_spare"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    steps = self.greedy_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+      raise ValueError(f"greedy_steps must be a non-negative int, got {steps!r}")
 
 
 Mode = Greedy | Refined | GpuAware

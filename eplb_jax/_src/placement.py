@@ -164,19 +164,13 @@ def _gpu_aware_rows(
   num_nodes = topology.num_nodes
   experts_per_node = num_logical // num_nodes
   slots_per_node = topology.slots_per_node
-  if slots_per_node == experts_per_node:
-    greedy_steps = mode.greedy_steps
-  else:
-    greedy_steps = mode.greedy_steps_spare if num_nodes == 1 else 0
 
   # Every groups-to-nodes candidate runs as one batch of (candidate, layer, node) rows.
   candidates = _group_candidates(weight, topology, mode)
   num_candidates = candidates.shape[0]
   mlog2log = _node_major(candidates.reshape(-1, topology.num_groups), num_logical)
   mlog_load = _take(jnp.tile(weight, (num_candidates, 1)), mlog2log).reshape(-1, experts_per_node)
-  domains = counts.domain_rows(
-    mlog_load, slots_per_node, topology.gpus_per_node, num_nodes, mode, greedy_steps
-  )
+  domains = counts.domain_rows(mlog_load, slots_per_node, topology.gpus_per_node, num_nodes, mode)
   if num_candidates > 1:
     # Per layer, the candidate with the lightest heaviest GPU (ties: greedy's).
     heaviest = domains.heaviest.reshape(num_candidates, num_layers, num_nodes).max(axis=2)
