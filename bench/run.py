@@ -64,6 +64,7 @@ def _methods(shape: workloads.Shape, args) -> dict[str, Callable]:
   methods = {
     "eplb_jax greedy": _jax_method("greedy", shape),
     "eplb_jax refined": _jax_method("refined", shape),
+    "eplb_jax gpu_aware": _jax_method("gpu_aware", shape),
   }
   if args.no_torch:
     return methods

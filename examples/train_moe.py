@@ -83,6 +83,9 @@ class Config:
   num_gpus: int = 8
   window: int = 20
   rebalance_every: int = 50
+  # A layer keeps its placement unless the new one's heaviest GPU on the
+  # window is lighter by more than this fraction (eplb_jax.gate_placement).
+  rebalance_threshold: float = 0.02
   capacity_factor: float | None = 1.25
   router_skew: float = 0.75
   # DeepSeek's placement: its replication minimises the largest replica load,
@@ -223,44 +226,52 @@ def drop_fraction(routed: jax.Array, capacity: int) -> jax.Array:
 
 def next_placement(
   window: stats.WindowState, old: Placement, cfg: Config
-) -> tuple[Placement, tuple[jax.Array, jax.Array]]:
-  """New placement from the window, and the GPU imbalance it predicts, before and after.
+) -> tuple[Placement, tuple[jax.Array, jax.Array, jax.Array]]:
+  """New placement from the window, gated; the imbalance it predicts and the layers it changes.
 
-  The prediction is ``max / mean`` of :meth:`Placement.gpu_loads` on the
-  window, for the old placement and the new one. A layer keeps its placement
-  unless the new one lowers its heaviest GPU load on the window (the
-  balancer does not see the current placement).
+  :func:`eplb_jax.gate_placement` keeps a layer's placement unless the new
+  one's heaviest GPU on the window is lighter by more than
+  ``cfg.rebalance_threshold``. Returns the placement and ``(before, after,
+  rebalanced)``: ``max / mean`` of :meth:`Placement.gpu_loads` on the window
+  for the old placement and the gated one, and how many layers changed.
   """
   load = stats.window_load(window)
-  new = eplb_jax.rebalance_experts(
-    load, cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus, mode=cfg.mode
-  )
-  before = old.gpu_loads(load, cfg.num_gpus)
-  after = new.gpu_loads(load, cfg.num_gpus)
-  better = after.max(-1) < before.max(-1)  # [L]
+  topology = eplb_jax.Topology(cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus)
+  new = eplb_jax.rebalance(load, topology, mode=cfg.mode)
+  gated = eplb_jax.gate_placement(load, topology, old.phy2log, new, cfg.rebalance_threshold)
+  # A kept layer keeps its own maps (the gate rebuilds them from phy2log).
   new = jax.tree.map(
-    lambda n, o: jnp.where(better.reshape(-1, *[1] * (n.ndim - 1)), n, o), new, old
+    lambda n, o: jnp.where(gated.rebalanced.reshape(-1, *[1] * (n.ndim - 1)), n, o),
+    gated.placement,
+    old,
   )
-  after = jnp.where(better[:, None], after, before)
-  return new, (imbalance(before), imbalance(after))
+  before = imbalance(old.gpu_loads(load, cfg.num_gpus))
+  after = imbalance(new.gpu_loads(load, cfg.num_gpus))
+  return new, (before, after, gated.rebalanced.sum().astype(jnp.float32))
 
 
 def rebalance(
   state: TrainState, cfg: Config, mesh: Mesh
 ) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
-  """Re-plans from the window and moves the expert weights and their Adam moments."""
+  """Re-plans from the window and moves the expert weights and their Adam moments.
+
+  When the gate keeps every layer's placement, nothing moves (a ``lax.cond``).
+  """
   old = state.placement
   new, predicted = next_placement(state.window, old, cfg)
   params, opt_state = state.params, state.opt_state
   if not cfg.logical:
-    experts = params["experts"]
-    params = {
-      **params,
-      "experts": expert_params.relayout(experts, old.log2phy, new.phy2log, mesh=mesh),
-    }
-    opt_state = expert_params.relayout_state(
-      opt_state, experts, old.log2phy, new.phy2log, mesh=mesh
-    )
+
+    def move(params, opt_state):
+      experts = params["experts"]
+      moved = expert_params.relayout(experts, old.log2phy, new.phy2log, mesh=mesh)
+      opt_state = expert_params.relayout_state(
+        opt_state, experts, old.log2phy, new.phy2log, mesh=mesh
+      )
+      return {**params, "experts": moved}, opt_state
+
+    changed = predicted[2] > 0
+    params, opt_state = jax.lax.cond(changed, move, lambda *a: a, params, opt_state)
   return state._replace(params=params, opt_state=opt_state, placement=new), predicted
 
 
@@ -297,10 +308,10 @@ def train_step(state: TrainState, cfg: Config, mesh: Mesh) -> tuple[TrainState, 
   if cfg.rebalance_every:
     due = state.step % cfg.rebalance_every == 0
     nan = jnp.full((), jnp.nan)
-    state, (out["before"], out["after"]) = jax.lax.cond(
+    state, (out["before"], out["after"], out["layers_rebalanced"]) = jax.lax.cond(
       due,
       functools.partial(rebalance, cfg=cfg, mesh=mesh),
-      lambda s: (s, (nan, nan)),
+      lambda s: (s, (nan, nan, nan)),
       state,
     )
   return state, out
@@ -407,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--window", type=int, default=20, help="steps of load statistics")
   parser.add_argument("--router-skew", type=float, default=0.75)
   parser.add_argument("--capacity-factor", type=float, default=1.25)
+  parser.add_argument(
+    "--rebalance-threshold", type=float, default=0.02, help="gate: relative gain a layer needs"
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--rtol", type=float, default=1e-4, help="loss match tolerance")
   args = parser.parse_args(argv)
@@ -418,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     rebalance_every=args.rebalance_every,
     router_skew=args.router_skew,
     capacity_factor=args.capacity_factor,
+    rebalance_threshold=args.rebalance_threshold,
     seed=args.seed,
   )
   mesh = make_mesh(cfg)
@@ -428,6 +443,12 @@ def main(argv: list[str] | None = None) -> None:
   )
   run = train(cfg, args.steps, mesh)
   print("\n".join(table(periods(run, cfg.rebalance_every))))
+  changed = run["layers_rebalanced"][~np.isnan(run["layers_rebalanced"])]
+  print(
+    f"gated rebalancing (threshold {cfg.rebalance_threshold}): {len(changed)} rebalances due, "
+    f"{int(np.sum(changed == 0))} skipped entirely; {int(changed.sum())} of "
+    f"{len(changed) * cfg.num_layers} layer placements changed"
+  )
 
   logical = train(dataclasses.replace(cfg, logical=True), args.steps, mesh)
   error = np.max(np.abs(run["loss"] - logical["loss"]) / np.abs(logical["loss"]))

@@ -93,7 +93,7 @@ class MoeModel(nnx.Module):
     return h @ self.head, jnp.stack(all_ids), jax.tree.map(lambda *s: jnp.stack(s), *all_stats)
 
 
-def rebalance(model: MoeModel, optimizer: nnx.Optimizer) -> tuple[jax.Array, jax.Array]:
+def rebalance(model: MoeModel, optimizer: nnx.Optimizer) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Re-plans from the window; moves the expert ``Param``s and their optimizer state."""
   old = model.placement.get_value()
   new, predicted = base.next_placement(model.window.get_value(), old, model.cfg)
@@ -112,9 +112,9 @@ def rebalance(model: MoeModel, optimizer: nnx.Optimizer) -> tuple[jax.Array, jax
   return predicted
 
 
-def keep(model: MoeModel, optimizer: nnx.Optimizer) -> tuple[jax.Array, jax.Array]:
+def keep(model: MoeModel, optimizer: nnx.Optimizer) -> tuple[jax.Array, jax.Array, jax.Array]:
   nan = jnp.full((), jnp.nan)
-  return nan, nan
+  return nan, nan, nan
 
 
 @nnx.jit
@@ -137,7 +137,9 @@ def train_step(model: MoeModel, optimizer: nnx.Optimizer) -> dict:
   model.step.set_value(model.step.get_value() + 1)
   out = base.step_metrics(loss, dispatched, cfg)
   due = model.step.get_value() % cfg.rebalance_every == 0
-  out["before"], out["after"] = nnx.cond(due, rebalance, keep, model, optimizer)
+  out["before"], out["after"], out["layers_rebalanced"] = nnx.cond(
+    due, rebalance, keep, model, optimizer
+  )
   return out
 
 

@@ -411,6 +411,8 @@ def training_example_rebalances_and_matches_logical():
   np.testing.assert_array_equal(run["dropped"], logical["dropped"])
   first, *rest = train_moe.periods(run, cfg.rebalance_every)
   assert len(rest) == 1 and len(train_moe.table([first, *rest])) == 4
+  # The gate lets the first rebalance through: the uniform start is far from balanced.
+  assert run["layers_rebalanced"][cfg.rebalance_every - 1] == cfg.num_layers, run
   for period in rest:
     # The targets: drops at capacity factor 1.25 fall at least 5x, and the
     # measured GPU imbalance is within 10% of the placement's prediction.
@@ -429,6 +431,7 @@ def nnx_example_matches_pure_example():
   nnx_run = train_moe_nnx.train(cfg, 20, mesh)
   np.testing.assert_allclose(nnx_run["loss"], run["loss"], rtol=1e-6)
   np.testing.assert_array_equal(nnx_run["before"], run["before"])
+  np.testing.assert_array_equal(nnx_run["layers_rebalanced"], run["layers_rebalanced"])
 
 
 def run_checks(group: str) -> dict[str, str]:
