@@ -43,6 +43,12 @@ def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> li
   rebalancing = run["seconds"][~np.isnan(run["before"])] if cfg.rebalance_every else []
   if len(rebalancing):
     lines.append(f"- steps that rebalance: median {1e3 * np.median(rebalancing):.1f} ms")
+    changed = run["layers_rebalanced"][~np.isnan(run["layers_rebalanced"])]
+    lines.append(
+      f"- gate (threshold {cfg.rebalance_threshold}): {len(changed)} rebalances due, "
+      f"{int(np.sum(changed == 0))} skipped entirely, {int(changed.sum())} of "
+      f"{len(changed) * cfg.num_layers} layer placements changed"
+    )
   if len(rows) > 1:
     first, second = rows[0], rows[1]
     lines.append(
@@ -58,12 +64,16 @@ def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> li
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--markdown", type=pathlib.Path, help="also write the report here")
+  parser.add_argument("--steps", type=int, default=STEPS)
+  parser.add_argument("--rebalance-every", type=int, default=50)
   args = parser.parse_args()
-  base = train_moe.Config()
+  base = train_moe.Config(rebalance_every=args.rebalance_every)
   mesh = train_moe.make_mesh(base)
   runs = {
     f"router skew {base.router_skew}, rebalanced every {base.rebalance_every} steps": base,
-    "router skew 1.0, rebalanced every 50 steps": dataclasses.replace(base, router_skew=1.0),
+    f"router skew 1.0, rebalanced every {base.rebalance_every} steps": dataclasses.replace(
+      base, router_skew=1.0
+    ),
     f"router skew {base.router_skew}, never rebalanced": dataclasses.replace(
       base, rebalance_every=0
     ),
@@ -71,12 +81,13 @@ def main() -> None:
   lines = [
     "# Expert-parallel MoE layer on 8 host devices",
     "",
-    f"`python bench/moe_layer.py`: jax {jax.__version__}, {jax.device_count()} host devices "
+    f"`python bench/moe_layer.py --steps {args.steps} --rebalance-every "
+    f"{base.rebalance_every}`: jax {jax.__version__}, {jax.device_count()} host devices "
     f"on {os.cpu_count()} CPU cores. Model: {base.num_layers} layers, {base.num_experts} experts "
     f"on {base.num_replicas} slots ({base.num_replicas // base.num_gpus} per device), "
     f"top-{base.top_k}, {base.tokens} tokens per step ({base.tokens // base.num_gpus} per "
     f"device), capacity factor {base.capacity_factor} per slot and sending device, "
-    f"window {base.window} steps, mode {base.mode!r}, {STEPS} steps per run.",
+    f"window {base.window} steps, mode {base.mode!r}, {args.steps} steps per run.",
     "",
     "Columns: *predicted* is max / mean GPU load of the placement on a window "
     "(`Placement.gpu_loads`; the initial placement scored on the first rebalance's window); "
@@ -87,7 +98,7 @@ def main() -> None:
     "",
   ]
   for name, cfg in runs.items():
-    run = train_moe.train(cfg, STEPS, mesh)
+    run = train_moe.train(cfg, args.steps, mesh)
     lines += describe(name, cfg, run)
     print("\n".join(describe(name, cfg, run)), flush=True)
   if args.markdown:
