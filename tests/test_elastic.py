@@ -98,6 +98,7 @@ def _check_on_active_gpus(placement, weight, topology):
   assert np.all(targets >= 0) and not np.any(dead[targets])
 
 
+@pytest.mark.heavy
 def test_deepseek_v3_kill_one_gpu():
   """DeepSeek-V3 prefill (256 experts, 288 slots, 8 groups, 4 nodes, 32 GPUs): GPU 3 fails.
 

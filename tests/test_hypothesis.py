@@ -52,6 +52,7 @@ def weights(draw):
     return array.astype(dtype)
 
 
+@pytest.mark.heavy
 @given(weights())
 def test_rebalance_valid_or_value_error(weight):
   try:
@@ -65,6 +66,7 @@ def test_rebalance_valid_or_value_error(weight):
   check_placement(*JITTED(jnp.asarray(weight), *SIZES), NUM_EXPERTS, NUM_REPLICAS, NUM_LAYERS)
 
 
+@pytest.mark.heavy
 @given(
   weights(),
   st.lists(
@@ -75,7 +77,8 @@ def test_rebalance_valid_or_value_error(weight):
 )
 def test_migration_valid_or_value_error(weight, previous):
   previous = np.array(previous, np.int64).reshape(NUM_LAYERS, NUM_REPLICAS)
-  weight = np.nan_to_num(weight.astype(np.float32), nan=0, posinf=0, neginf=0).clip(0)
+  with np.errstate(over="ignore"):  # values beyond float32 become inf, then 0
+    weight = np.nan_to_num(weight.astype(np.float32), nan=0, posinf=0, neginf=0).clip(0)
   try:
     got = eplb_jax.rebalance_experts(weight, *SIZES, previous_phy2log=previous)
   except ValueError as error:

@@ -15,7 +15,11 @@ from eplb_jax._src.migration import warm
 
 HIERARCHICAL = CONFIGS["hierarchical"]  # 2 groups per node, 4 GPUs per node, 5 slots per GPU
 GLOBAL = CONFIGS["global-one-group"]  # 1 % 2 groups: the global policy
-EDGE = [CONFIGS[name] for name in ("no-redundancy", "one-slot-per-gpu", "one-gpu-per-node")]
+# Edge layouts: each costs a compile of the migration-aware program, so they run in the heavy tier.
+EDGE = [
+  pytest.param(CONFIGS[name], marks=pytest.mark.heavy)
+  for name in ("no-redundancy", "one-slot-per-gpu", "one-gpu-per-node")
+]
 
 
 def _ids(config) -> str:
