@@ -239,11 +239,10 @@ def next_placement(
   topology = eplb_jax.Topology(cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus)
   new = eplb_jax.rebalance(load, topology, mode=cfg.mode)
   gated = eplb_jax.gate_placement(load, topology, old.phy2log, new, cfg.rebalance_threshold)
-  # A kept layer keeps its own maps (the gate rebuilds them from phy2log).
+  # Per layer the new placement or the old one as it is (the gate's own kept
+  # layers have maps rebuilt from phy2log, replicas ranked in slot order).
   new = jax.tree.map(
-    lambda n, o: jnp.where(gated.rebalanced.reshape(-1, *[1] * (n.ndim - 1)), n, o),
-    gated.placement,
-    old,
+    lambda n, o: jnp.where(gated.rebalanced.reshape(-1, *[1] * (n.ndim - 1)), n, o), new, old
   )
   before = imbalance(old.gpu_loads(load, cfg.num_gpus))
   after = imbalance(new.gpu_loads(load, cfg.num_gpus))
@@ -252,7 +251,7 @@ def next_placement(
 
 def rebalance(
   state: TrainState, cfg: Config, mesh: Mesh
-) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+) -> tuple[TrainState, tuple[jax.Array, jax.Array, jax.Array]]:
   """Re-plans from the window and moves the expert weights and their Adam moments.
 
   When the gate keeps every layer's placement, nothing moves (a ``lax.cond``).
