@@ -70,11 +70,14 @@ def failed_gpu() -> None:
   print(f"healthy placement: balancedness {_balancedness(healthy, weight, SHAPE.topology):.4f}")
   print("| failed GPUs | policy | forced moves | placement | replicas moved | balancedness |")
   print("|---|---|---:|---|---:|---:|")
+  runs = [("fresh", None, None), ("migration-aware", healthy.phy2log, None)]
+  runs += [(f"migration-aware, tolerance {t:g}", healthy.phy2log, t) for t in (0.01, 0.1)]
   for failed in ((3,), (3, 17)):
     topology = eplb_jax.Topology(*SHAPE.sizes, failed_gpus=failed)
     forced = len(failed) * topology.slots_per_gpu * SHAPE.num_layers
-    for name, previous in (("fresh", None), ("migration-aware", healthy.phy2log)):
-      placement = eplb_jax.rebalance(weight, topology, previous_phy2log=previous)
+    for name, previous, tolerance in runs:
+      kwargs = {} if tolerance is None else {"tolerance": tolerance}
+      placement = eplb_jax.rebalance(weight, topology, previous_phy2log=previous, **kwargs)
       moved = eplb_jax.migration_cost(healthy.phy2log, placement.phy2log, SHAPE.num_gpus)[0]
       print(
         f"| {', '.join(map(str, failed))} | {topology.survivors().policy} | {forced} | {name} | "
