@@ -194,11 +194,28 @@ def rebalance(
   weight = _check_weight(weight, topology)
   if (mesh is None) != (layer_axis is None):
     raise ValueError("mesh must be given with layer_axis, and layer_axis with mesh")
-  if previous_phy2log is None:
+  previous = None
+  if previous_phy2log is not None:
+    previous = _check_in_service(previous_phy2log, weight, topology, "previous_phy2log")
+    tolerance = _check_tolerance(tolerance)
+  return _solve(weight, topology, mode, previous, tolerance, mesh, layer_axis)
+
+
+def _solve(
+  weight: jax.Array,
+  topology: Topology,
+  mode: Mode,
+  previous: jax.Array | None = None,
+  tolerance: jax.Array | None = None,
+  mesh: Mesh | None = None,
+  layer_axis: sharding.AxisName | None = None,
+) -> Placement:
+  """:func:`rebalance` on checked arguments: ``weight [L, E]`` float32 and, when
+  ``previous`` is given, ``tolerance`` a float32 scalar."""
+  if previous is None:
     core, arrays = _place, (weight,)
   else:
-    previous = _check_in_service(previous_phy2log, weight, topology, "previous_phy2log")
-    core, arrays = _migrate, (weight, previous, _check_tolerance(tolerance))
+    core, arrays = _migrate, (weight, previous, tolerance)
   if mesh is None:
     # Loads split over Explicit mesh axes (their type says so) are balanced
     # where they are, as with mesh=; any other Explicit layout is gathered.
@@ -424,8 +441,9 @@ def gated_rebalance(
   Returns:
     A :class:`GatedPlacement` (see :func:`gate_placement`).
   """
+  mode = check_mode(mode)
   weight, current, threshold = _check_gate(weight, topology, current_phy2log, threshold, per_layer)
-  new = rebalance(weight, topology, mode=mode, previous_phy2log=current, tolerance=tolerance)
+  new = _solve(weight, topology, mode, current, _check_tolerance(tolerance))
   return _gate(weight, current, new, threshold, topology, per_layer)
 
 
