@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -297,12 +298,45 @@ def _summary(weight, shape, placement, times, previous) -> None:
     )
   first_ms, compiled_ms = times
   print(
-    f"  time          {first_ms:.1f} ms first call (with compile), {compiled_ms:.2f} ms compiled"
+    f"  time          {first_ms:.1f} ms first call (trace, compile or load from the cache), "
+    f"{compiled_ms:.2f} ms compiled"
   )
+
+
+def default_cache_dir() -> pathlib.Path:
+  """``$XDG_CACHE_HOME/eplb_jax``, or ``~/.cache/eplb_jax``."""
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "eplb_jax"
+
+
+def _compile_cache(args: argparse.Namespace) -> None:
+  """Keeps compiled programs between runs (JAX's persistent compilation cache).
+
+  Each run is a fresh process, so without it every run pays the compilation
+  (seconds) again. ``--cache-dir`` names the directory; without it a cache
+  directory the user gave JAX (``JAX_COMPILATION_CACHE_DIR``) is kept, else
+  :func:`default_cache_dir` is used, and if that cannot be created the run
+  goes on without a cache. ``--no-cache`` turns the cache off.
+  """
+  if args.no_cache:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return
+  if args.cache_dir is None and jax.config.jax_compilation_cache_dir:
+    return
+  path = pathlib.Path(args.cache_dir or default_cache_dir()).expanduser()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    if args.cache_dir is not None:
+      raise ValueError(f"--cache-dir {path}: cannot create it ({error.strerror})") from None
+    print(f"eplb-jax: warning: no compile cache, cannot create {path}", file=sys.stderr)
+    return
+  jax.config.update("jax_compilation_cache_dir", str(path))
 
 
 def plan(args: argparse.Namespace) -> int:
   """The ``plan`` subcommand: balance, summarise, optionally write the placement."""
+  _compile_cache(args)  # before anything compiles: JAX sets its cache up on first use
   output = pathlib.Path(args.output) if args.output else None
   if output is None and args.format is not None:
     raise ValueError("--format needs --output")
@@ -399,6 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     "an --init-expert-location file. Default from PATH's suffix: .npz npz, .json json, "
     ".pt sglang, .npy sglang-jax",
   )
+  cache = sub.add_mutually_exclusive_group()
+  cache.add_argument(
+    "--cache-dir",
+    metavar="DIR",
+    help="keep compiled programs in DIR between runs (default: JAX_COMPILATION_CACHE_DIR if "
+    "set, else $XDG_CACHE_HOME/eplb_jax or ~/.cache/eplb_jax); a later run with the same "
+    "sizes and mode skips the compilation",
+  )
+  cache.add_argument("--no-cache", action="store_true", help="compile without the cache")
   sub.set_defaults(run=plan)
   return parser
 

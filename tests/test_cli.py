@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -178,6 +179,32 @@ def test_plan_failed_gpus(tmp_path, capsys):
   maps = _read_maps(target)
   chex.assert_trees_all_equal(maps, {k: np.asarray(v) for k, v in expected._asdict().items()})
   np.testing.assert_array_equal(maps["phy2log"][:, 6:8], -1)
+
+
+@pytest.mark.heavy
+def test_plan_keeps_compiled_programs_between_runs(tmp_path):
+  # Each run is a fresh process: the default cache directory gets the
+  # balancer's program, and --no-cache keeps even JAX's own cache unused.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+  command = [sys.executable, "-m", "eplb_jax", "plan"]
+  result = subprocess.run(command, capture_output=True, text=True, env=env)
+  assert result.returncode == 0, result.stderr
+  assert any(p.name.startswith("jit__place") for p in (tmp_path / "xdg" / "eplb_jax").iterdir())
+
+  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax")
+  result = subprocess.run([*command, "--no-cache"], capture_output=True, text=True, env=env)
+  assert result.returncode == 0, result.stderr
+  assert not (tmp_path / "jax").exists() or not any((tmp_path / "jax").iterdir())
+
+
+def test_plan_cache_dir_errors(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  assert cli.main(["plan", "--cache-dir", str(blocker / "cache")]) == 2
+  assert f"--cache-dir {blocker / 'cache'}: cannot create it" in capsys.readouterr().err
+  assert cli.main(["plan", "--cache-dir", str(tmp_path), "--no-cache"]) == 2
+  assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_python_m_entry_point():
