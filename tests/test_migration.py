@@ -27,7 +27,10 @@ def _ids(config) -> str:
 
 
 def _reference_moved(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndarray:
-  """Per layer, sum over GPUs and experts of max(0, copies after - copies before)."""
+  """Per layer, sum over GPUs and experts of max(0, copies after - copies before).
+
+  -1 is an empty slot, no expert.
+  """
   num_experts = max(old.max(), new.max()) + 1
   moved = []
   for old_layer, new_layer in zip(old, new, strict=True):
@@ -35,8 +38,8 @@ def _reference_moved(old: np.ndarray, new: np.ndarray, num_gpus: int) -> np.ndar
     for before, after in zip(
       old_layer.reshape(num_gpus, -1), new_layer.reshape(num_gpus, -1), strict=True
     ):
-      gained = np.bincount(after, minlength=num_experts) - np.bincount(
-        before, minlength=num_experts
+      gained = np.bincount(after[after >= 0], minlength=num_experts) - np.bincount(
+        before[before >= 0], minlength=num_experts
       )
       total += np.maximum(gained, 0).sum()
     moved.append(total)
@@ -56,6 +59,7 @@ def test_migration_cost_hand_example():
       [0, 1, 2, 3, 4, 5],
       [0, 1, 2, 3, 4, 5],
       [0, 0, 1, 2, 3, 3],
+      [0, 1, 1, 2, 3, 3],
     ]
   )
   new = np.array(
@@ -65,19 +69,20 @@ def test_migration_cost_hand_example():
       [0, 1, 2, 3, 4, 5],  # unchanged
       [3, 1, 2, 0, 4, 5],  # 0 and 3 exchange GPUs
       [1, 0, 0, 3, 3, 2],  # slots permuted within each GPU: nothing arrives
+      [-1, -1, -1, 2, 3, 0],  # GPU 0 emptied (failed): only 0 arrives, on GPU 1
     ]
   )
   moved, changed = eplb_jax.migration_cost(old, new, 2)
-  chex.assert_trees_all_equal(moved, np.array([2, 0, 2, 0], np.int32))
-  chex.assert_trees_all_equal(changed, np.array([4, 0, 2, 4], np.int32))
+  chex.assert_trees_all_equal(moved, np.array([2, 0, 2, 0, 1], np.int32))
+  chex.assert_trees_all_equal(changed, np.array([4, 0, 2, 4, 4], np.int32))
 
 
 @pytest.mark.parametrize("num_gpus", [1, 4, 12])
 def test_migration_cost_matches_reference(num_gpus):
   rng = np.random.default_rng(num_gpus)
   # Few distinct experts, so that GPUs hold duplicates.
-  old = rng.integers(0, 5, size=(6, 24))
-  new = np.where(rng.random(old.shape) < 0.3, rng.integers(0, 5, size=old.shape), old)
+  old = rng.integers(-1, 5, size=(6, 24))  # -1: an empty slot
+  new = np.where(rng.random(old.shape) < 0.3, rng.integers(-1, 5, size=old.shape), old)
   moved, changed = eplb_jax.migration_cost(old, new, num_gpus)
   np.testing.assert_array_equal(moved, _reference_moved(old, new, num_gpus))
   np.testing.assert_array_equal(changed, (old != new).sum(-1))

@@ -572,8 +572,8 @@ def migration_cost(
     ``(moved, changed_slots)``, int32 ``[L]``: ``moved`` counts the replicas
     that must arrive on a GPU, i.e. per GPU and expert the copies the GPU holds
     after beyond those it held before (a GPU that had expert 3 once and now has
-    it twice receives one replica); ``changed_slots`` counts the slots whose
-    expert changes.
+    it twice receives one replica; an empty slot, -1, receives none);
+    ``changed_slots`` counts the slots whose expert changes.
   """
   old = _check_phy2log(old_phy2log, "old_phy2log")
   new = _check_phy2log(new_phy2log, "new_phy2log")

@@ -24,10 +24,11 @@ def kept(old: jax.Array, new: jax.Array) -> jax.Array:
 def migration_cost(old: jax.Array, new: jax.Array, num_gpus: int) -> tuple[jax.Array, jax.Array]:
   """``(moved [L], changed_slots [L])`` of the change from ``old [L, P]`` to ``new [L, P]``.
 
-  ``moved`` counts the replicas that arrive on a GPU that did not hold them;
-  ``changed_slots`` the slots whose expert changes.
+  ``moved`` counts the replicas that arrive on a GPU that did not hold them
+  (an empty slot, -1, receives nothing); ``changed_slots`` the slots whose
+  expert changes.
   """
   num_layers, num_slots = new.shape
   on_gpu = (num_layers, num_gpus, num_slots // num_gpus)
-  moved = num_slots - kept(old.reshape(on_gpu), new.reshape(on_gpu)).sum((1, 2), dtype=jnp.int32)
-  return moved, (old != new).sum(-1, dtype=jnp.int32)
+  arrives = (new.reshape(on_gpu) >= 0) & ~kept(old.reshape(on_gpu), new.reshape(on_gpu))
+  return arrives.sum((1, 2), dtype=jnp.int32), (old != new).sum(-1, dtype=jnp.int32)
