@@ -162,13 +162,6 @@ def _candidates(weight: jax.Array, num_slots: int, num_gpus: int) -> _Candidates
   return _Candidates(expert, rank, counts, slots, load, pack_load.max(axis=1).reshape(rows, -1))
 
 
-def choose_counts(weight: jax.Array, num_slots: int, num_gpus: int) -> jax.Array:
-  """``counts [X, n]``: per domain, the candidate whose differencing packing is lightest."""
-  candidates = _candidates(weight, num_slots, num_gpus)
-  best = ops.argmin_first(candidates.heaviest)
-  return candidates.count[jnp.arange(weight.shape[0]), best]
-
-
 def domain_rows(
   weight: jax.Array,
   num_slots: int,
