@@ -107,9 +107,8 @@ def _unserved(previous: np.ndarray, topology) -> np.ndarray:
   )
 
 
-@pytest.mark.parametrize("failed", [(3,), (0,)])
-@pytest.mark.parametrize("num_replicas", [40, 48])
-def test_failure_moves_only_the_experts_left_without_a_replica(failed, num_replicas):
+@pytest.mark.parametrize(("num_replicas", "failed"), [(40, (3,)), (48, (0,))])
+def test_failure_moves_only_the_experts_left_without_a_replica(num_replicas, failed):
   # Where balance allows (a large tolerance), the placement in service keeps
   # its counts: an expert whose replicas were all lost gets one back from an
   # expert that can spare one, and nothing else moves. (Global policy: the
