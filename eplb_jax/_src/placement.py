@@ -237,16 +237,21 @@ def logical_to_physical(phy2log: jax.Array, phyrank: jax.Array, num_logical: int
   return flat.reshape(num_layers, num_logical, max_count)
 
 
+def replica_counts(phy2log: jax.Array, num_logical: int) -> jax.Array:
+  """``logcnt [L, E]``: the replicas of each expert in ``phy2log [L, P]`` (-1: an empty slot)."""
+  num_layers = phy2log.shape[0]
+  expert = jnp.where(phy2log >= 0, phy2log, num_logical)
+  logcnt = jnp.zeros((num_layers, num_logical), jnp.int32)
+  return logcnt.at[jnp.arange(num_layers)[:, None], expert].add(1, mode="drop")
+
+
 def from_phy2log(phy2log: jax.Array, num_logical: int) -> Placement:
   """The :class:`Placement` of the slot map ``phy2log [L, P]`` (-1: an empty slot).
 
   Replicas of an expert are ranked in slot order.
   """
-  num_layers = phy2log.shape[0]
-  expert = jnp.where(phy2log >= 0, phy2log, num_logical)
-  logcnt = jnp.zeros((num_layers, num_logical), jnp.int32)
-  logcnt = logcnt.at[jnp.arange(num_layers)[:, None], expert].add(1, mode="drop")
   phyrank = ops.occurrence_rank(phy2log)
+  logcnt = replica_counts(phy2log, num_logical)
   return Placement(phy2log, logical_to_physical(phy2log, phyrank, num_logical), logcnt)
 
 

@@ -17,8 +17,8 @@ groups-to-nodes assignment and replica counts, each node then taking the
 warm or the fresh GPU packing (warm when it is under the target), so that
 this candidate always meets the target; and with the old placement's
 assignment (on the hierarchical policy) and counts, repaired where they are
-no placement of a node (:func:`_old_counts`: an expert whose replicas were
-all on a failed GPU gets one back from the expert that loses least), used
+no placement of a node (:func:`.warm.repair_counts`: an expert whose replicas
+were all on a failed GPU gets one back from the expert that loses least), used
 when all its nodes meet the target and it moves fewer replicas. Finally
 every GPU puts the experts it keeps back in their old slots.
 """
@@ -30,7 +30,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from eplb_jax._src import ops
 from eplb_jax._src import placement
 from eplb_jax._src.migration import relabel
 from eplb_jax._src.migration import warm
@@ -40,55 +39,6 @@ from eplb_jax._src.topology import Topology
 
 # Allowed relative excess of the heaviest GPU over a fresh placement's.
 DEFAULT_TOLERANCE = 1e-3
-
-
-def _repair_counts(weight: jax.Array, count: jax.Array, num_slots: int) -> jax.Array:
-  """The counts ``count [n]`` made a placement of one domain of ``num_slots`` slots.
-
-  Every expert keeps its replicas or gets one; then, one replica at a time,
-  while there are too many the expert left with the lightest replicas gives
-  one up (lowest ``w / (c - 1)``), while there are too few the expert with
-  the heaviest replicas gets one (highest ``w / c``, water-filling's pick).
-  Counts that already are a placement come back unchanged.
-  """
-  count = jnp.maximum(count, 1)
-  experts = jnp.arange(count.shape[0])
-
-  def body(count):
-    over = count.sum() > num_slots
-    give_up = ops.argmin_first(jnp.where(count > 1, weight / (count - 1), jnp.inf))
-    take = ops.argmax_first(weight / count)
-    chosen = experts == jnp.where(over, give_up, take)
-    return count + jnp.where(chosen, jnp.where(over, -1, 1), 0)
-
-  return jax.lax.while_loop(lambda count: count.sum() != num_slots, body, count)
-
-
-def _old_counts(
-  weight: jax.Array, old: jax.Array, group_node: jax.Array, domains: Topology
-) -> jax.Array:
-  """``count [L, E]``: the old placement's counts, repaired into a placement of every node.
-
-  With the groups on nodes as ``group_node [L, num_groups]``, each node's
-  experts keep their counts in ``old [L, P]`` where those fill the node's
-  slots and give every expert a replica; elsewhere (experts whose replicas
-  were all lost with a failed GPU, slots left empty) they are changed as
-  little as :func:`_repair_counts` does. Keeping them keeps the most
-  replicas.
-  """
-  num_layers, num_logical = weight.shape
-  rows = jnp.arange(num_layers)[:, None]
-  old_count = jnp.zeros((num_layers, num_logical), jnp.int32)
-  old_count = old_count.at[rows, jnp.where(old >= 0, old, num_logical)].add(1, mode="drop")
-  log2mlog = warm.node_major(group_node, num_logical, domains.num_nodes)
-  mlog2log = ops.inverse_permutation(log2mlog)
-
-  def by_node(x):  # [L, E] -> [L * N, E / N], node-major
-    return jnp.take_along_axis(x, mlog2log, -1).reshape(num_layers * domains.num_nodes, -1)
-
-  repair = functools.partial(_repair_counts, num_slots=domains.slots_per_node)
-  count = jax.vmap(repair)(by_node(weight), by_node(old_count))
-  return jnp.take_along_axis(count.reshape(num_layers, num_logical), log2mlog, -1)
 
 
 def migrate(
@@ -133,12 +83,12 @@ def migrate(
   # Two warm candidates, run as one batch of layers: the fresh groups-to-nodes
   # assignment with the fresh counts, and a second one that keeps more: with
   # several nodes the old assignment, else the fresh one; with the old
-  # counts, repaired where they are no placement of a node.
+  # counts (warm_row repairs them where they are no placement of a node).
   second = group_node
   if num_nodes > 1:
     kept_node = jax.vmap(functools.partial(relabel.greedy_assign, capacity=num_groups // num_nodes))
     second = kept_node(overlap)
-  second_count = _old_counts(weight, old, second, domains)
+  second_count = placement.replica_counts(old, num_logical)
   candidate, candidate_max = warm.warm_candidate(
     jnp.tile(weight, (2, 1)),
     jnp.concatenate([fresh_count, second_count]),

@@ -109,6 +109,28 @@ def settle(
   return packs.payload.expert[0], packs.load[0]
 
 
+def repair_counts(weight: jax.Array, count: jax.Array, num_slots: int) -> jax.Array:
+  """The counts ``count [n]`` made a placement of one domain of ``num_slots`` slots.
+
+  Every expert keeps its replicas or gets one; then, one replica at a time,
+  while there are too many the expert left with the lightest replicas gives
+  one up (lowest ``w / (c - 1)``), while there are too few the expert with
+  the heaviest replicas gets one (highest ``w / c``, water-filling's pick).
+  Counts that already are a placement come back unchanged.
+  """
+  count = jnp.maximum(count, 1)
+  experts = jnp.arange(count.shape[0])
+
+  def body(count):
+    over = count.sum() > num_slots
+    give_up = ops.argmin_first(jnp.where(count > 1, weight / (count - 1), jnp.inf))
+    take = ops.argmax_first(weight / count)
+    chosen = experts == jnp.where(over, give_up, take)
+    return count + jnp.where(chosen, jnp.where(over, -1, 1), 0)
+
+  return jax.lax.while_loop(lambda count: count.sum() != num_slots, body, count)
+
+
 def warm_row(
   load: jax.Array, count: jax.Array, old: jax.Array, target: jax.Array, num_gpus: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -116,7 +138,9 @@ def warm_row(
 
   Args:
     load: ``[n]`` load of each of the node's experts.
-    count: ``[n]`` replicas wanted of each expert; sums to the node's slots ``q``.
+    count: ``[n]`` replicas wanted of each expert; where they are no
+      placement of the node's ``q`` slots (an expert without a replica, or
+      not ``q`` in total) they are repaired first (:func:`repair_counts`).
     old: ``[q]`` expert previously in each slot of the node, -1 for an expert
       not on this node now.
     target: scalar load to bring every GPU under.
@@ -127,6 +151,7 @@ def warm_row(
   """
   num_slots = old.shape[0]
   per_gpu = num_slots // num_gpus
+  count = repair_counts(load, count, num_slots)
   replica_load = load / count
   safe_old = jnp.maximum(old, 0)
   still_wanted = (old >= 0) & (ops.occurrence_rank(old) < count[safe_old])
@@ -175,8 +200,8 @@ def warm_candidate(
 ) -> tuple[jax.Array, jax.Array]:
   """Warm placement for a groups-to-nodes assignment ``group_node [L, num_groups]``.
 
-  ``count [L, E]`` holds the replicas wanted of each expert; the experts of
-  each node must want the node's slots in total.
+  ``count [L, E]`` holds the replicas wanted of each expert (repaired per
+  node by :func:`warm_row` where they are no placement of the node).
 
   Returns ``(phy2log [L, N, P / N], max_load [L, N])`` per node.
   """
