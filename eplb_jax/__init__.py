@@ -27,6 +27,8 @@ from eplb_jax._src.modes import GpuAware
 from eplb_jax._src.modes import Greedy
 from eplb_jax._src.modes import Refined
 from eplb_jax._src.placement import Placement
+from eplb_jax._src.split import split_probabilities
+from eplb_jax._src.split import split_tokens
 from eplb_jax._src.topology import Topology
 
 __version__ = "0.2.0"
@@ -51,4 +53,6 @@ __all__ = [
   "rebalance_with_previous",
   "replicate_experts",
   "runtime",
+  "split_probabilities",
+  "split_tokens",
 ]
