@@ -37,9 +37,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from eplb_jax._src import placement as placement_lib
 from eplb_jax._src import checks
 from eplb_jax._src import ops
+from eplb_jax._src import placement as placement_lib
 from eplb_jax._src.placement import Placement
 from eplb_jax._src.topology import Topology
 
@@ -104,27 +104,28 @@ def _per_expert(values: jax.Array, pairs: _Pairs, num_experts: int) -> jax.Array
 
 
 # Michelot rounds per projection: exact for an expert on at most this many GPUs.
-_PROJECTION_ROUNDS = 3
+_PROJECTION_ROUNDS = 2
 
 
 def _project(v: jax.Array, counts: jax.Array, pairs: _Pairs, num_experts: int) -> jax.Array:
-  """A point of ``{x >= 0 on pairs, sum over e's pairs = counts[e]}`` nearest ``v``.
+  """A point of ``{x >= 0 on pairs, sum over e's pairs = counts[e]}`` near ``v``.
 
-  Michelot's active-set rounds (each drops the pairs below the current
+  Michelot's active-set rounds (each drops the pairs at or below the current
   threshold) give the exact Euclidean projection once the active set stops
-  shrinking, which takes at most one round per pair of the expert; after a
-  fixed number of rounds the remaining positive parts are scaled to the
-  count, so the point is always feasible, and exact for experts on up to
-  ``_PROJECTION_ROUNDS`` GPUs.
+  shrinking, which takes at most one round per pair of the expert. After a
+  fixed number of rounds the positive parts are scaled to the count, so the
+  point is always feasible, and it is the projection for every expert on up
+  to ``_PROJECTION_ROUNDS`` GPUs (and any expert whose active set settled).
   """
   target = jnp.append(counts, 0.0)
   active = pairs.first
   for _ in range(_PROJECTION_ROUNDS):
-    total = _per_expert(jnp.where(active, v, 0.0), pairs, num_experts)
-    size = _per_expert(active.astype(jnp.float32), pairs, num_experts)
-    tau = (total - target) / jnp.maximum(size, 1.0)
-    active = active & (v > tau[pairs.expert])
-  x = jnp.where(active, v - tau[pairs.expert], 0.0)
+    sums = _per_expert(
+      jnp.stack([jnp.where(active, v, 0.0), active.astype(v.dtype)], -1), pairs, num_experts
+    )
+    tau = ((sums[:, 0] - target) / jnp.maximum(sums[:, 1], 1.0))[pairs.expert]
+    active = active & (v > tau)
+  x = jnp.where(active, v - tau, 0.0)
   total = _per_expert(x, pairs, num_experts)
   scale = jnp.where(total > 0, target / jnp.where(total > 0, total, 1.0), 0.0)
   return x * scale[pairs.expert]
@@ -144,8 +145,10 @@ def _bound(loads: jax.Array, counts: jax.Array, pairs: _Pairs, num_experts: int)
     indices_are_sorted=True,
   )[:num_experts]
   served = deepest >= 0
-  inside = jnp.zeros(num_gpus, jnp.float32).at[jnp.where(served, deepest, 0)].add(
-    jnp.where(served, counts, 0.0)
+  inside = (
+    jnp.zeros(num_gpus, jnp.float32)
+    .at[jnp.where(served, deepest, 0)]
+    .add(jnp.where(served, counts, 0.0))
   )
   prefix = jnp.arange(num_gpus)[:, None] <= jnp.arange(num_gpus)[None, :]
   return jnp.max((inside @ prefix) / jnp.arange(1, num_gpus + 1, dtype=jnp.float32))
@@ -154,6 +157,8 @@ def _bound(loads: jax.Array, counts: jax.Array, pairs: _Pairs, num_experts: int)
 class _Iterate(NamedTuple):
   x: jax.Array  # current point (per sorted position)
   y: jax.Array  # extrapolated point
+  x_loads: jax.Array  # GPU loads of x
+  y_loads: jax.Array  # GPU loads of y (linear in y, so extrapolated alongside it)
   t: jax.Array  # FISTA momentum
   energy: jax.Array  # 1/2 sum of squared GPU loads at x
   best: jax.Array  # the iterate with the lightest heaviest GPU so far
@@ -212,17 +217,19 @@ def _split_layer(
     return (it.best_max <= it.bound * (1.0 + tolerance)) | (it.step >= max_steps)
 
   def body(it):
-    x_new = _project(it.y - rate * gpu_loads(it.y)[pairs.gpu], counts_f, pairs, num_experts)
+    x_new = _project(it.y - rate * it.y_loads[pairs.gpu], counts_f, pairs, num_experts)
     loads = gpu_loads(x_new)
     e_new = energy(loads)
     rises = e_new > it.energy
     t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * it.t * it.t))
-    y_new = x_new + ((it.t - 1.0) / t_new) * (x_new - it.x)
+    momentum = (it.t - 1.0) / t_new
     heaviest = jnp.max(loads)
     better = heaviest < it.best_max
     return _Iterate(
       x=jnp.where(rises, it.x, x_new),
-      y=jnp.where(rises, it.x, y_new),
+      y=jnp.where(rises, it.x, x_new + momentum * (x_new - it.x)),
+      x_loads=jnp.where(rises, it.x_loads, loads),
+      y_loads=jnp.where(rises, it.x_loads, loads + momentum * (loads - it.x_loads)),
       t=jnp.where(rises, 1.0, t_new),
       energy=jnp.where(rises, it.energy, e_new),
       best=jnp.where(better, x_new, it.best),
@@ -235,6 +242,8 @@ def _split_layer(
   start = _Iterate(
     even,
     even,
+    loads,
+    loads,
     jnp.float32(1.0),
     energy(loads),
     even,
