@@ -81,9 +81,13 @@ def _pairs(phy2log: jax.Array, num_experts: int, slots_per_gpu: int) -> _Pairs:
   num_slots = phy2log.shape[0]
   slot = jnp.arange(num_slots, dtype=jnp.int32)
   slot_expert = jnp.where(phy2log >= 0, phy2log, num_experts)
-  # One sort of distinct int32 keys (expert, slot): the slot comes back from the key.
-  key = jax.lax.sort(slot_expert * num_slots + slot)
-  order, expert = key % num_slots, key // num_slots
+  if (num_experts + 1) * num_slots < 2**31:
+    # One sort of distinct int32 keys (expert, slot): the slot comes back from the key.
+    key = jax.lax.sort(slot_expert * num_slots + slot)
+    order, expert = key % num_slots, key // num_slots
+  else:
+    order = jnp.argsort(slot_expert, stable=True).astype(jnp.int32)
+    expert = slot_expert[order]
   gpu = order // slots_per_gpu
   differs = jnp.ones(1, bool)
   start = jnp.concatenate([differs, expert[1:] != expert[:-1]])
@@ -210,8 +214,12 @@ def _split_layer(
   movable = pairs.first & (spread[pairs.expert] > 1)
   rate = 1.0 / jnp.maximum(jnp.max(gpu_loads(movable.astype(jnp.float32))), 1.0)
 
+  # The total load is the same at every feasible point, so the energy is
+  # measured about the mean load: the same comparisons, far fewer float32 digits.
+  mean_load = jnp.sum(counts_f) / num_gpus
+
   def energy(loads):
-    return 0.5 * jnp.sum(loads * loads)
+    return 0.5 * jnp.sum(jnp.square(loads - mean_load))
 
   def done(it):
     return (it.best_max <= it.bound * (1.0 + tolerance)) | (it.step >= max_steps)
@@ -220,7 +228,9 @@ def _split_layer(
     x_new = _project(it.y - rate * it.y_loads[pairs.gpu], counts_f, pairs, num_experts)
     loads = gpu_loads(x_new)
     e_new = energy(loads)
-    rises = e_new > it.energy
+    # A rise undoes the momentum (a restart); a plain projected-gradient step
+    # (t == 1) never rises in exact arithmetic, so it is kept whatever the rounding.
+    rises = (e_new > it.energy) & (it.t > 1.0)
     t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * it.t * it.t))
     momentum = (it.t - 1.0) / t_new
     heaviest = jnp.max(loads)
@@ -310,11 +320,14 @@ def _check_placement(
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _split(counts, phy2log, num_gpus, tolerance, max_steps):
-  counts = jnp.maximum(counts, 0)
-  one_step = jax.vmap(_split_layer, in_axes=(0, 0, None, None, None))
-  if counts.ndim == 3:
-    one_step = jax.vmap(one_step, in_axes=(0, None, None, None, None))
-  return one_step(counts, phy2log, num_gpus, tolerance, max_steps)[0]
+  # A window's steps are more rows of one batch: [N, L] -> [N * L].
+  rows = jnp.maximum(counts, 0).reshape(-1, counts.shape[-1])
+  maps = jnp.broadcast_to(phy2log, (*counts.shape[:-1], phy2log.shape[-1])).reshape(
+    rows.shape[0], -1
+  )
+  split_layer = jax.vmap(_split_layer, in_axes=(0, 0, None, None, None))
+  quotas, _ = split_layer(rows, maps, num_gpus, tolerance, max_steps)
+  return quotas.reshape(*counts.shape[:-1], -1)
 
 
 def split_tokens(
