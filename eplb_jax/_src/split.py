@@ -358,7 +358,10 @@ def split_tokens(
   start, so the result is never heavier than it before rounding.
 
   Pure and jit-friendly: ``num_gpus``, ``tolerance`` and ``max_steps`` are
-  static; the solver is a bounded ``lax.while_loop`` per layer, vmapped.
+  static; the solver is a bounded ``lax.while_loop`` per layer, vmapped. It
+  runs in float32: quotas are always integers adding up to the counts, and
+  within one token of the fractional split for experts of up to ``2**24``
+  tokens per step.
   Under ``jax.jit`` a negative count counts as 0 and placement entries
   outside ``[-1, E)`` as empty slots; called eagerly they raise.
 
