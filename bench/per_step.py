@@ -55,7 +55,7 @@ DeepSeek-V3 prefill step (58 layers, 288 slots, 32 GPUs) against
 ``rebalance(mode="refined")`` of the same shape, as public calls and inside
 ``jax.jit`` (median of interleaved calls); and ``split_tokens``' compile
 time in a fresh process (first call minus second, best of ``--compiles``).
-The default run takes about 6-8 minutes on 2 cores.
+The default run takes about 7 minutes of one core (longer on a loaded machine).
 
     python bench/per_step.py --markdown bench/results/per_step.md --plot bench/results/per_step.png
     python bench/per_step.py --quick  # under a minute: 2 shapes, 2 families, 2 drifts, 1 step
@@ -125,6 +125,8 @@ LP_SLACK = 0.005
 GAIN = {"global": 0.05, "hierarchical": 0.03}
 DEFAULT_SLACK = 0.002
 COST_SHAPE = "deepseek-v3-prefill"
+# Cost table columns: the splits of both step sizes, then the placement.
+KEYS = (*SIZES, "refined")
 
 
 def name(method: tuple[str, str]) -> str:
@@ -407,7 +409,7 @@ def cost(args) -> dict:
           start = time.perf_counter()
           jax.block_until_ready(call())
           times[key].append(1e3 * (time.perf_counter() - start))
-  out = {key: float(np.median(t)) for key, t in times.items()}
+  out = {key: (float(np.median(t)), min(t)) for key, t in times.items()}
   out["compile_s"] = min(compile_seconds() for _ in range(args.compiles))
   print(out, flush=True)
   return out
@@ -541,20 +543,22 @@ def markdown(rows: list[dict], spent: dict, args) -> str:
       "`split_tokens` call minus the second in a fresh process (prefill-sized step), best of",
       f"{args.compiles} processes.",
       "",
-      "| calls | split decode ms | split prefill ms | refined ms | slower split / refined |",
+      "Cells: median ms (best ms); the ratio of medians.",
+      "",
+      "| calls | split decode | split prefill | refined | slower split / refined |",
       "|---|---:|---:|---:|---:|",
     ]
     for kind, label in (("public", "public"), ("jit", "inside jax.jit")):
-      split = max(spent[(size, kind)] for size in SIZES)
+      cells = [f"{spent[(key, kind)][0]:.2f} ({spent[(key, kind)][1]:.2f})" for key in KEYS]
+      split = max(spent[(size, kind)][0] for size in SIZES)
       lines.append(
-        f"| {label} | {spent[('decode', kind)]:.2f} | {spent[('prefill', kind)]:.2f} | "
-        f"{spent[('refined', kind)]:.2f} | {split / spent[('refined', kind)]:.2f} |"
+        f"| {label} | " + " | ".join(cells) + f" | {split / spent[('refined', kind)][0]:.2f} |"
       )
-    split = max(spent[(size, "jit")] for size in SIZES)
+    split = max(spent[(size, "jit")][0] for size in SIZES)
     lines += [
       "",
       f"Split compile: {spent['compile_s']:.2f} s. Target (split no slower than refined inside",
-      f"jax.jit, compile under 3 s): {_verdict(split <= spent[('refined', 'jit')])} (time), "
+      f"jax.jit, compile under 3 s): {_verdict(split <= spent[('refined', 'jit')][0])} (time), "
       f"{_verdict(spent['compile_s'] < 3.0)} (compile).",
     ]
 
@@ -641,16 +645,16 @@ def main() -> None:
     args.shapes, args.families = ["qwen3-30b-a3b", "deepseek-v3-prefill"], ["lognormal2", "topics"]
     args.drifts, args.steps, args.history, args.rounds, args.repeats = [0.0, 0.2], 1, 4, 3, 5
     args.compiles = 1
-  start, load = time.perf_counter(), os.getloadavg()[0]
+  start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
   rows = per_step(args)
   spent = {} if args.skip_cost else cost(args)
-  elapsed = time.perf_counter() - start
+  elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
   header = (
     f"jax {jax.__version__} on {jax.devices()[0].device_kind}, numpy {np.__version__}, scipy "
     f"{scipy.__version__}; eplb_jax {revision()}; seed {args.seed}, {args.steps} steps per case, "
     f"deepseek_vec from {args.history} passes; XLA on one thread, timings on one core; "
-    f"this run {elapsed:.0f} s, 1-minute load average {load:.1f} at its start, "
-    f"{os.getloadavg()[0]:.1f} at its end"
+    f"this run {elapsed:.0f} s ({cpu:.0f} s of CPU in this process), 1-minute load average "
+    f"{load:.1f} at its start, {os.getloadavg()[0]:.1f} at its end"
   )
   table = markdown(rows, spent, args)
   print(header, table, sep="\n\n")
