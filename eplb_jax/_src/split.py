@@ -22,8 +22,9 @@ norm is also the one of least maximum (Fujishige); the solver minimises
   on those GPUs, so ``max_k`` of that sum over ``k`` is a lower bound. At the
   optimum it is tight (an expert feeding the top level set only has replicas
   there), so the loop stops when the heaviest GPU is within ``tolerance`` of
-  the bound, or after ``max_steps`` steps; the best iterate is kept, and the
-  start is the even split, so the result is never heavier than it.
+  the bound or at most its ceiling (no split into whole tokens beats that),
+  or after ``max_steps`` steps; the best iterate is kept, and the start is
+  the even split, so the result is never heavier than it.
 * **Rounding**: per expert, quotas are differences of the rounded cumulative
   fractional quotas: integers that add up to ``c[e]``, each within one token
   of its fractional value, so a GPU gains less than one token per slot.
@@ -224,7 +225,10 @@ def _split_layer(
     return 0.5 * jnp.sum(jnp.square(loads - mean_load))
 
   def done(it):
-    return (it.best_max <= it.bound * (1.0 + tolerance)) | (it.step >= max_steps)
+    # Within the tolerance of the bound, or at most its ceiling, which no
+    # split into whole tokens can beat.
+    target = jnp.maximum(it.bound * (1.0 + tolerance), jnp.ceil(it.bound))
+    return (it.best_max <= target) | (it.step >= max_steps)
 
   def step(_, it):
     x_new = _project(it.y - rate * it.y_loads[pairs.gpu], counts_f, pairs, num_experts)
@@ -257,6 +261,12 @@ def _split_layer(
     return it._replace(bound=jnp.maximum(it.bound, best_bound))
 
   loads = gpu_loads(even)
+  # GPUs ranked by their fixed loads (experts on that GPU alone) as well: the
+  # ranking by load can miss a densest set that ties with a GPU still
+  # carrying movable tokens.
+  fixed_loads = gpu_loads(
+    jnp.where(pairs.first & ~movable, jnp.append(counts_f, 0.0)[pairs.expert], 0.0)
+  )
   start = _Iterate(
     even,
     even,
@@ -266,7 +276,10 @@ def _split_layer(
     energy(loads),
     even,
     jnp.max(loads),
-    _bound(loads, counts_f, pairs, num_experts),
+    jnp.maximum(
+      _bound(loads, counts_f, pairs, num_experts),
+      _bound(fixed_loads, counts_f, pairs, num_experts),
+    ),
     jnp.int32(0),
   )
   final = jax.lax.while_loop(lambda it: ~done(it), body, start)
