@@ -208,14 +208,21 @@ def _split_layer(
   def gpu_loads(x):
     return jax.ops.segment_sum(x, pairs.gpu, num_gpus)
 
-  # The even split: each slot of e takes counts[e] / (slots of e).
-  slots_of = _per_expert(jnp.ones(num_slots, jnp.float32), pairs, num_experts)
-  share = jnp.append(counts_f, 0.0) / jnp.maximum(slots_of, 1.0)
-  even = jnp.where(pairs.first, share[pairs.expert] * pairs.copies, 0.0)
-  # The gradient's Lipschitz constant: the most pairs one GPU holds of experts that can move.
-  spread = _per_expert(pairs.first.astype(jnp.float32), pairs, num_experts)
+  # Per expert: its slots, and its pairs (the GPUs holding it).
+  slots_of, spread = jnp.moveaxis(
+    _per_expert(jnp.stack([jnp.ones(num_slots), pairs.first], -1), pairs, num_experts), -1, 0
+  )
+  expert_count = jnp.append(counts_f, 0.0)[pairs.expert]
   movable = pairs.first & (spread[pairs.expert] > 1)
-  rate = 1.0 / jnp.maximum(jnp.max(gpu_loads(movable.astype(jnp.float32))), 1.0)
+  # The even split (each slot of e takes counts[e] / (slots of e)), the loads
+  # of the experts on one GPU alone, and the gradient's Lipschitz constant:
+  # the most pairs one GPU holds of experts that can move.
+  even = jnp.where(pairs.first, expert_count * pairs.copies / slots_of[pairs.expert], 0.0)
+  fixed = jnp.where(pairs.first & ~movable, expert_count, 0.0)
+  loads, fixed_loads, degree = jnp.moveaxis(
+    gpu_loads(jnp.stack([even, fixed, movable.astype(jnp.float32)], -1)), -1, 0
+  )
+  rate = 1.0 / jnp.maximum(jnp.max(degree), 1.0)
 
   # The total load is the same at every feasible point, so the energy is
   # measured about the mean load: the same comparisons, far fewer float32 digits.
@@ -260,13 +267,8 @@ def _split_layer(
     best_bound = _bound(gpu_loads(it.best), counts_f, pairs, num_experts)
     return it._replace(bound=jnp.maximum(it.bound, best_bound))
 
-  loads = gpu_loads(even)
-  # GPUs ranked by their fixed loads (experts on that GPU alone) as well: the
-  # ranking by load can miss a densest set that ties with a GPU still
-  # carrying movable tokens.
-  fixed_loads = gpu_loads(
-    jnp.where(pairs.first & ~movable, jnp.append(counts_f, 0.0)[pairs.expert], 0.0)
-  )
+  # GPUs ranked by their fixed loads as well: the ranking by load can miss a
+  # densest set that ties with a GPU still carrying movable tokens.
   start = _Iterate(
     even,
     even,
