@@ -130,6 +130,7 @@ def test_contiguous_loads():
     (["loads.txt", *SIZES], "INPUT"),
     (["loads.npy", "--num-replicas", "8", "--num-gpus", "8"], "num_replicas"),
     (["loads.npy", "--num-replicas", "16"], "--num-gpus"),
+    (["loads.npy", *SIZES[:-1], str(2**32)], "num_gpus must be at most 2**31 - 1"),
     (["loads.npy", *SIZES, "--output", "maps.csv"], "--output"),
     (["loads.npz", *SIZES, "--key", "missing"], "--key"),
     (["loads.npy", *SIZES, "--key", "weight"], "--key applies to .npz and .json"),
