@@ -580,6 +580,5 @@ def migration_cost(
   if old.shape != new.shape:
     raise ValueError(f"new_phy2log must have the shape of old_phy2log {old.shape}, got {new.shape}")
   num_gpus = checks.check_size(num_gpus, "num_gpus")
-  if new.shape[1] % num_gpus:
-    raise ValueError(f"num_gpus must divide the number of slots ({new.shape[1]}), got {num_gpus}")
+  checks.check_num_gpus(num_gpus, new.shape[1])
   return _migration_cost(old, new, num_gpus)

@@ -23,6 +23,7 @@ from eplb_jax._src.topology import check_size
 
 __all__ = [
   "check_ids",
+  "check_num_gpus",
   "check_size",
   "check_weight",
   "check_weight_values",
@@ -131,6 +132,15 @@ def sanitize_weight(weight: jax.Array) -> jax.Array:
   bits = max(weight.shape[-1] - 1, 0).bit_length()
   shift = jnp.clip(biased - 126 + bits - _SUM_EXPONENT, 0, 126)
   return weight * jax.lax.bitcast_convert_type((127 - shift) << 23, jnp.float32)
+
+
+def check_num_gpus(num_gpus: object, num_slots: int) -> int:
+  """The slots per GPU, ``num_slots / num_gpus``: ``ValueError`` naming ``num_gpus`` unless it
+  is a positive static int that divides ``num_slots``."""
+  num_gpus = check_size(num_gpus, "num_gpus")
+  if num_slots % num_gpus:
+    raise ValueError(f"num_gpus must divide the number of slots ({num_slots}), got {num_gpus}")
+  return num_slots // num_gpus
 
 
 def check_ids(ids: jax.typing.ArrayLike, name: str) -> jax.Array | np.ndarray:
