@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from eplb_jax import metrics
@@ -253,8 +254,11 @@ def _problem(args: argparse.Namespace) -> tuple[workloads.Shape, np.ndarray, str
   )
   shape.topology.check_experts(shape.num_experts)
   checks.check_weight_values(weight)  # ValueError for negative, NaN, inf loads
-  if weight.ndim == 3:
-    weight = stats.decayed_load(weight, 1.0 if args.decay is None else args.decay)
+  if weight.ndim == 3 and args.decay is None:
+    weight = checks.sum_window(weight)  # as rebalance sums a window: the same loads, bit for bit
+  elif weight.ndim == 3:
+    # Each layer's steps scaled together, as for the sum, so that the decayed sum stays finite.
+    weight = stats.decayed_load(jnp.swapaxes(checks.layer_steps(weight), 0, 1), args.decay)
   return shape, np.asarray(weight, np.float64), source
 
 
@@ -270,19 +274,30 @@ def _timed_rebalance(weight: np.ndarray, shape: workloads.Shape, mode: str, prev
   return placement, times
 
 
+def _balancedness(loads: np.ndarray) -> np.ndarray:
+  """Mean over max of each row of float64 ``loads [L, G]``; 1 for an all-zero row."""
+  peak = loads.max(axis=-1)
+  return np.where(peak > 0, loads.mean(axis=-1) / np.where(peak > 0, peak, 1), 1.0)
+
+
 def _summary(weight, shape, placement, times, previous) -> None:
-  # Balance over the active GPUs, against the bound of their problem.
+  # Balance over the active GPUs, against the bound of their problem. Every figure is a ratio of
+  # one layer's loads: each layer is scaled by the power of two (exact) that keeps its sum within
+  # float32, in which the bound is computed, and GPU loads are summed in float64, so that finite
+  # loads give finite figures.
   active = shape.topology.survivors()
-  phy2log, _, logcnt = placement
-  before = metrics.layer_balancedness(contiguous_loads(weight, active.num_gpus))
-  loads = metrics.gpu_loads(weight, phy2log, logcnt, shape.num_gpus)
+  weight = checks.sanitize_weight(jnp.asarray(weight, jnp.float32))
+  before = _balancedness(contiguous_loads(np.asarray(weight, np.float64), active.num_gpus))
+  replica = np.asarray(placement.replica_loads(weight), np.float64)
+  loads = replica.reshape(shape.num_layers, shape.num_gpus, -1).sum(-1)
   loads = loads[:, np.asarray(shape.topology.active_gpus)]
-  after = np.asarray(metrics.layer_balancedness(loads))
+  after = _balancedness(loads)
   bound = metrics.lower_bound(
     weight, active.num_replicas, active.num_gpus, active.num_groups, active.num_nodes
   )
-  ratio = np.asarray(loads.max(axis=-1) / bound)
-  ratio = np.where(np.isfinite(ratio), ratio, 1.0)  # all-zero layers: 0 / 0
+  bound = np.asarray(bound, np.float64)
+  peak = loads.max(axis=-1)
+  ratio = np.where(bound > 0, peak / np.where(bound > 0, bound, 1), 1.0)  # all-zero layers: 1
   worst = int(np.argmin(after))
   print(
     f"  balancedness  {float(np.mean(before)):.4f} before (contiguous, no replicas) -> "
@@ -291,7 +306,7 @@ def _summary(weight, shape, placement, times, previous) -> None:
   print(f"  worst layer   {worst}: balancedness {after[worst]:.4f}")
   print(f"  max / bound   {ratio.mean():.4f} mean, {ratio.max():.4f} worst (1 = provably optimal)")
   if previous is not None:
-    moved, changed = migration_cost(previous, phy2log, shape.num_gpus)
+    moved, changed = migration_cost(previous, placement.phy2log, shape.num_gpus)
     print(
       f"  migration     {int(np.sum(moved))} replicas moved onto GPUs, "
       f"{int(np.sum(changed))} slots changed (from --previous)"

@@ -363,6 +363,57 @@ def test_plan_decay_weights_recent_steps(tmp_path):
   np.testing.assert_array_equal(_read_maps(target)["phy2log"], expected.phy2log)
 
 
+def _summary_lines(out):
+  return [
+    line for line in out.splitlines() if line.startswith(("  balancedness", "  worst", "  max"))
+  ]
+
+
+@pytest.mark.parametrize("scale", [2.0**990, 2.0**120], ids=["float64", "float32"])
+def test_plan_summary_of_huge_finite_loads(tmp_path, capsys, scale):
+  # Loads scaled by a power of two: the same placement and the same figures, finite.
+  dtype = np.float64 if scale > 2.0**127 else np.float32
+  source = tmp_path / "loads.npy"
+  np.save(source, WEIGHT.astype(np.float64))
+  assert cli.main(["plan", str(source), *SIZES]) == 0
+  expected = _summary_lines(capsys.readouterr().out)
+  np.save(source, (WEIGHT * scale).astype(dtype))
+  assert cli.main(["plan", str(source), *SIZES]) == 0
+  assert _summary_lines(capsys.readouterr().out) == expected
+  assert len(expected) == 3 and not re.search("inf|nan", " ".join(expected))
+
+
+@pytest.mark.parametrize("decay", [None, 0.9])
+def test_plan_window_of_huge_finite_loads(tmp_path, capsys, decay):
+  # A window is summed as the API sums it, each layer's steps scaled together: a window of
+  # finite loads near float64's limit (float32 sums of its steps would overflow) is balanced as
+  # the same window at a normal scale (an exact power of two apart), and as the API balances it.
+  window = np.stack([WEIGHT, WEIGHT[::-1]] * 4).astype(np.float64)
+  maps = []
+  for scale in (1.0, 2.0**1000):
+    source, target = tmp_path / "window.npy", tmp_path / f"maps-{len(maps)}.npz"
+    np.save(source, window * scale)
+    args = ["plan", str(source), *SIZES, "--output", str(target)]
+    assert cli.main(args + ([] if decay is None else ["--decay", str(decay)])) == 0
+    assert len(_summary_lines(capsys.readouterr().out)) == 3
+    maps.append(_read_maps(target))
+  chex.assert_trees_all_equal(*maps)
+  if decay is None:
+    expected = eplb_jax.rebalance_experts(window * 2.0**1000, *SIZE_ARGS)
+    np.testing.assert_array_equal(maps[1]["phy2log"], expected.phy2log)
+
+
+def test_plan_sums_a_window_as_the_api_does(tmp_path):
+  window = np.random.default_rng(0).uniform(size=(5, 2, 12)) * 1e3
+  source, target = tmp_path / "window.npy", tmp_path / "maps.npz"
+  np.save(source, window)
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(target)]) == 0
+  expected = eplb_jax.rebalance_experts(window, *SIZE_ARGS)
+  chex.assert_trees_all_equal(
+    _read_maps(target), {k: np.asarray(v) for k, v in expected._asdict().items()}
+  )
+
+
 def test_plan_previous_is_migration_aware(tmp_path, capsys):
   source, first, second = tmp_path / "loads.npy", tmp_path / "old.npz", tmp_path / "new.json"
   np.save(source, WEIGHT)

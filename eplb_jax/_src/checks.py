@@ -28,6 +28,7 @@ __all__ = [
   "check_weight",
   "check_weight_values",
   "is_concrete",
+  "layer_steps",
   "narrow_ids",
   "sanitize_weight",
   "sum_window",
@@ -173,15 +174,26 @@ def narrow_ids(ids: jax.Array | np.ndarray, limit: int, fill: int) -> jax.Array:
   return jnp.asarray(xp.where(valid, ids, fill).astype(xp.int32))
 
 
+def layer_steps(weight: jax.Array | np.ndarray) -> jax.Array:
+  """A checked window ``[N, L, E]`` as ``[L, N, E]``, sanitised layer by layer.
+
+  Each layer's steps are scaled together (:func:`sanitize_weight` on the
+  layer's ``N * E`` entries), so that any sum of them, plain or weighted by
+  factors up to 1, stays finite in float32.
+  """
+  steps, layers, experts = weight.shape
+  by_layer = jnp.swapaxes(weight, 0, 1).reshape(layers, steps * experts)
+  return sanitize_weight(by_layer).reshape(layers, steps, experts)
+
+
 def sum_window(weight: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
   """Loads ``[L, E]`` of a checked window ``[N, L, E]``: the sum over its steps.
 
   Entries are sanitised before the sum, so under ``jax.jit`` a bad entry of one
   step counts as 0 without spoiling the other steps; each layer's steps are
-  scaled together, so that their sum stays finite. ``[L, E]`` is returned as is.
+  scaled together, so that their sum stays finite (:func:`layer_steps`).
+  ``[L, E]`` is returned as is.
   """
   if weight.ndim == 2:
     return weight
-  steps, layers, experts = weight.shape
-  by_layer = jnp.swapaxes(weight, 0, 1).reshape(layers, steps * experts)
-  return sanitize_weight(by_layer).reshape(layers, steps, experts).sum(axis=1)
+  return layer_steps(weight).sum(axis=1)
