@@ -349,6 +349,14 @@ def _compile_cache(args: argparse.Namespace) -> None:
   jax.config.update("jax_compilation_cache_dir", str(path))
 
 
+def _same_file(path: pathlib.Path, other: str | None) -> bool:
+  """Whether ``path`` and ``other`` name one existing file (through links and ``..`` too)."""
+  try:
+    return other is not None and os.path.samefile(path, other)
+  except OSError:  # either is missing or unreadable: not one existing file
+    return False
+
+
 def plan(args: argparse.Namespace) -> int:
   """The ``plan`` subcommand: balance, summarise, optionally write the placement."""
   _compile_cache(args)  # before anything compiles: JAX sets its cache up on first use
@@ -356,6 +364,9 @@ def plan(args: argparse.Namespace) -> int:
   if output is None and args.format is not None:
     raise ValueError("--format needs --output")
   fmt = None if output is None else output_format(output, args.format)
+  for flag, read in (("the INPUT file", args.input), ("the --previous file", args.previous)):
+    if output is not None and _same_file(output, read):
+      raise ValueError(f"--output {output} is {flag}: writing it would replace what it holds")
   shape, weight, source = _problem(args)
   if shape.failed_gpus and fmt in ("sglang", "sglang-jax"):
     raise ValueError(
@@ -440,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     help="placement in service (a plan --output file or an --init-expert-location file): "
     "keep replicas where they are as far as balance allows",
   )
-  sub.add_argument("--output", metavar="PATH", help="write the placement to PATH")
+  sub.add_argument(
+    "--output", metavar="PATH", help="write the placement to PATH (not INPUT or --previous)"
+  )
   sub.add_argument(
     "--format",
     choices=tuple(OUTPUT_FORMATS),

@@ -328,6 +328,31 @@ def test_plan_failed_write_keeps_the_previous_file(tmp_path, capsys, output):
   assert sorted(path.name for path in tmp_path.iterdir()) == ["loads.npy", output]
 
 
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hardlink"])
+@pytest.mark.parametrize("read", ["input", "previous"])
+def test_plan_refuses_to_write_over_what_it_reads(tmp_path, capsys, read, spelling):
+  source, previous = tmp_path / "loads.json", tmp_path / "old.json"
+  source.write_text(json.dumps(WEIGHT.tolist()))
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(previous)]) == 0
+  before = {path: path.read_bytes() for path in (source, previous)}
+  target = source if read == "input" else previous
+  if spelling == "dotdot":
+    (tmp_path / "sub").mkdir()
+    target = tmp_path / "sub" / ".." / target.name
+  elif spelling == "symlink":
+    (tmp_path / "link.json").symlink_to(target)
+    target = tmp_path / "link.json"
+  elif spelling == "hardlink":
+    (tmp_path / "link.json").hardlink_to(target)
+    target = tmp_path / "link.json"
+  args = ["plan", str(source), *SIZES, "--previous", str(previous), "--output", str(target)]
+  capsys.readouterr()
+  assert cli.main(args) == 2
+  flag = "INPUT" if read == "input" else "--previous"
+  assert f"eplb-jax: error: --output {target} is the {flag} file" in capsys.readouterr().err
+  assert {path: path.read_bytes() for path in (source, previous)} == before
+
+
 # ------------------------------------------------------------------ engine files
 
 
