@@ -88,7 +88,7 @@ def _gate(
   current = elastic.clear_failed(current, topology)
   # NaN and negative thresholds count as 0, inf as the largest float32.
   threshold = jnp.where(threshold > 0, jnp.minimum(threshold, jnp.finfo(jnp.float32).max), 0.0)
-  return gate.gate(weight, current, new, threshold, topology.num_gpus, per_layer)
+  return gate.gate(weight, current, new, threshold, topology, per_layer)
 
 
 def _check_weight(weight: jax.typing.ArrayLike, topology: Topology, **kwargs) -> jax.Array:
@@ -339,7 +339,8 @@ def _check_threshold(threshold: jax.typing.ArrayLike) -> jax.Array:
 
 
 def _check_new(new: Placement, weight: jax.Array, topology: Topology) -> Placement:
-  """Checks the shapes and dtypes of a placement ``new`` of ``weight`` on ``topology``."""
+  """Checks a placement ``new`` of ``weight`` on ``topology``: shapes and dtypes; when
+  concrete, ``phy2log``'s ids and a replica of every expert on the active GPUs in every layer."""
   num_layers, num_logical = weight.shape
   want = {
     "phy2log": (num_layers, topology.num_replicas),
@@ -356,6 +357,9 @@ def _check_new(new: Placement, weight: jax.Array, topology: Topology) -> Placeme
     if np.shape(array) != shape:
       raise ValueError(f"new.{name} must have shape {shape}, got {np.shape(array)}")
     arrays.append(jnp.asarray(array, jnp.int32))
+  # Values, so eager calls only: under jit, gate.gate never takes such a layer of new.
+  phy2log = _check_in_service(new[0], weight, topology, "new.phy2log")
+  checks.check_served(elastic.clear_failed(phy2log, topology), num_logical, "new")
   return Placement(*arrays)
 
 
@@ -403,7 +407,10 @@ def gate_placement(
     current_phy2log: ``[L, P]`` int, the placement in service (-1: an empty
       slot). Under ``jax.jit`` ids outside ``[0, E)`` count as empty slots.
     new: the candidate :class:`Placement` on ``topology``, e.g. from
-      :func:`rebalance`.
+      :func:`rebalance`. Called eagerly, a ``new`` that leaves an expert
+      without a replica on the active GPUs raises ``ValueError``; under
+      ``jax.jit`` such a layer of ``new`` is scored as infinitely heavy
+      (``new_heaviest`` inf) and never taken.
     threshold: scalar ``>= 0``, the relative excess of the heaviest GPU that
       the placement in service may have over ``new``'s and still be kept (0:
       keep it only where ``new`` is no lighter). Under ``jax.jit`` NaN and

@@ -24,6 +24,7 @@ from eplb_jax._src.topology import check_size
 __all__ = [
   "check_ids",
   "check_num_gpus",
+  "check_served",
   "check_size",
   "check_weight",
   "check_weight_values",
@@ -142,6 +143,29 @@ def check_num_gpus(num_gpus: object, num_slots: int) -> int:
   if num_slots % num_gpus:
     raise ValueError(f"num_gpus must divide the number of slots ({num_slots}), got {num_gpus}")
   return num_slots // num_gpus
+
+
+def check_served(phy2log: jax.Array, num_experts: int, name: str) -> None:
+  """Value check of a placement ``phy2log [L, P]`` (ids in ``[0, E)``, -1 for a slot that
+  serves nothing): ``ValueError`` naming ``name`` if a layer leaves an expert without a replica.
+
+  Does nothing when ``phy2log`` is traced. Counted where ``phy2log`` is; only
+  the verdict comes to the host, unless an expert is missing.
+  """
+  if not is_concrete(phy2log) or not phy2log.size:
+    return
+  with jax.ensure_compile_time_eval():  # concrete inside a trace too
+    num_layers = phy2log.shape[0]
+    expert = jnp.where(phy2log >= 0, phy2log, num_experts)
+    held = jnp.zeros((num_layers, num_experts + 1), bool)
+    held = held.at[jnp.arange(num_layers)[:, None], expert].set(True)[:, :num_experts]
+    if bool(held.all()):
+      return
+  layer, expert = np.argwhere(~np.asarray(held))[0]
+  raise ValueError(
+    f"{name} must give every expert a replica on an active GPU in every layer: layer {layer} "
+    f"has none of expert {expert}"
+  )
 
 
 def check_ids(ids: jax.typing.ArrayLike, name: str) -> jax.Array | np.ndarray:
