@@ -134,9 +134,10 @@ def _check_in_service(
 
 
 def _check_tolerance(tolerance: jax.typing.ArrayLike) -> jax.Array:
-  if checks.is_concrete(tolerance) and not 0 <= float(np.asarray(tolerance)) < 1:
+  value = checks.check_scalar(tolerance, "tolerance")
+  if checks.is_concrete(value) and not 0 <= float(value) < 1:
     raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
-  return jnp.asarray(tolerance, jnp.float32)
+  return jnp.asarray(value, jnp.float32)
 
 
 def rebalance(
@@ -333,9 +334,10 @@ def rebalance_with_previous(
 
 
 def _check_threshold(threshold: jax.typing.ArrayLike) -> jax.Array:
-  if checks.is_concrete(threshold) and not 0 <= float(np.asarray(threshold)) < np.inf:
+  value = checks.check_scalar(threshold, "threshold")
+  if checks.is_concrete(value) and not 0 <= float(value) < np.inf:
     raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-  return jnp.asarray(threshold, jnp.float32)
+  return jnp.asarray(value, jnp.float32)
 
 
 def _check_new(new: Placement, weight: jax.Array, topology: Topology) -> Placement:

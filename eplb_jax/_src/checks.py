@@ -24,6 +24,7 @@ from eplb_jax._src.topology import check_size
 __all__ = [
   "check_ids",
   "check_num_gpus",
+  "check_scalar",
   "check_served",
   "check_size",
   "check_weight",
@@ -99,6 +100,22 @@ def _fit_float32(weight: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
   peak = xp.max(xp.where(xp.isfinite(magnitude), magnitude, 0), axis=axes, keepdims=True)
   shift = xp.maximum(xp.frexp(peak)[1] - 127, 0)  # peak < 2**exponent
   return xp.where(shift > 0, xp.ldexp(weight, -shift), weight)
+
+
+def check_scalar(value: object, name: str) -> jax.Array | np.ndarray:
+  """Static check of a real scalar: a Python int or float, or a 0-d integer or float array
+  (traced or not). Returns it as an array; ``ValueError`` naming ``name`` otherwise (None, a
+  bool, a string, an array of another shape)."""
+  if isinstance(value, bool) or not (hasattr(value, "dtype") or isinstance(value, int | float)):
+    raise ValueError(f"{name} must be a real number, got {value!r}")
+  value = value if hasattr(value, "dtype") else np.asarray(value)
+  if value.dtype == np.bool_ or not (
+    jnp.issubdtype(value.dtype, np.integer) or jnp.issubdtype(value.dtype, np.floating)
+  ):
+    raise ValueError(f"{name} must be a real number, got dtype {value.dtype}")
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+  return value
 
 
 def check_weight_values(weight: jax.Array | np.ndarray, name: str = "weight") -> None:
