@@ -7,8 +7,11 @@ import io
 import json
 import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 
 import chex
 import hypothesis
@@ -19,6 +22,7 @@ from hypothesis import strategies as st
 
 import eplb_jax
 from eplb_jax import cli
+from eplb_jax._src import files
 
 # DeepSeek's README example: 2 layers x 12 experts onto 16 slots, 4 groups, 2 nodes, 8 GPUs.
 WEIGHT = np.array(
@@ -351,6 +355,60 @@ def test_plan_refuses_to_write_over_what_it_reads(tmp_path, capsys, read, spelli
   flag = "INPUT" if read == "input" else "--previous"
   assert f"eplb-jax: error: --output {target} is the {flag} file" in capsys.readouterr().err
   assert {path: path.read_bytes() for path in (source, previous)} == before
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755])
+def test_plan_output_keeps_the_permission_bits(tmp_path, capsys, mode):
+  source, target = tmp_path / "loads.npy", tmp_path / "maps.json"
+  np.save(source, WEIGHT)
+  target.write_bytes(b"previous")
+  target.chmod(mode)
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(target)]) == 0
+  assert stat.S_IMODE(target.stat().st_mode) == mode
+  assert _read_maps(target)["phy2log"].shape == (2, 16)
+
+
+@contextlib.contextmanager
+def _unprivileged(path: str):
+  """Runs the block as the owner of ``path``: as user nobody when the tests run as root (who
+  may write any file, with ``open`` as with ``write_atomic``)."""
+  if os.geteuid() != 0:
+    yield
+    return
+  try:
+    nobody = pytest.importorskip("pwd").getpwnam("nobody").pw_uid
+  except KeyError:
+    pytest.skip("no user nobody to run as")
+  os.chown(path, nobody, -1)
+  os.seteuid(nobody)
+  try:
+    yield
+  finally:
+    os.seteuid(0)
+
+
+def test_atomic_write_refuses_a_read_only_file_as_open_does():
+  directory = tempfile.mkdtemp()  # under /tmp: reachable by any user
+  try:
+    os.chmod(directory, 0o777)  # the rename itself would be allowed
+    path = os.path.join(directory, "maps.json")
+    with open(path, "w") as file:
+      file.write("previous")
+    outcomes = []
+    with _unprivileged(path):
+      os.chmod(path, 0o444)
+      for write in (lambda: open(path, "ab").close(), lambda: files.write_atomic(path, bytes)):
+        try:
+          write()
+          outcomes.append("written")
+        except PermissionError:
+          outcomes.append("refused")
+    assert outcomes == ["refused", "refused"]
+    with open(path) as file:
+      assert file.read() == "previous"
+    assert os.listdir(directory) == ["maps.json"]
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ engine files
