@@ -13,7 +13,9 @@ for SGLang or sglang-jax.
 
 Errors in the input, the sizes or the output print ``eplb-jax: error:
 <message>`` to stderr and exit with status 2; no traceback. Output files are
-written atomically: a failed write leaves the previous file as it was.
+written atomically: a failed write leaves the previous file as it was, and an
+existing file keeps its permissions. ``--output`` may not name the input or
+the ``--previous`` file, and ``--allow-pickle`` applies to the input only.
 """
 
 from __future__ import annotations
@@ -144,12 +146,15 @@ def load_weight(
     raise _input_error("INPUT", path, error) from None
 
 
-def load_previous(path: pathlib.Path, *, allow_pickle: bool = False) -> np.ndarray:
+def load_previous(path: pathlib.Path, num_replicas: int) -> np.ndarray:
   """Reads the placement in service ``phy2log [layers, slots]`` for ``--previous``.
 
   Takes what ``plan --output`` writes: eplb_jax's ``.npz`` / ``.json`` maps
-  (``phy2log``), or an ``--init-expert-location`` file with
-  ``physical_to_logical_map`` (``.json``, ``.pt``, ``.npy``).
+  (``phy2log``; the empty list of a 0-layer plan reads as ``[0,
+  num_replicas]``), or an ``--init-expert-location`` file with
+  ``physical_to_logical_map`` (``.json``, ``.pt``, a bare array ``.npy``).
+  Never unpickles: ``--allow-pickle`` applies to INPUT only, and no file
+  that ``plan`` writes is pickled.
   """
   suffix = path.suffix.lower()
   try:
@@ -159,8 +164,16 @@ def load_previous(path: pathlib.Path, *, allow_pickle: bool = False) -> np.ndarr
     if suffix == ".json":
       data = _read_json(path)
       if isinstance(data, dict) and "phy2log" in data:
-        return np.asarray(data["phy2log"])
-    return sglang.read_physical_to_logical_map(path, allow_pickle=allow_pickle)
+        phy2log = np.asarray(data["phy2log"])
+        if phy2log.shape == (0,):  # JSON keeps no shape for an empty list
+          return np.zeros((0, num_replicas), np.int32)
+        return phy2log
+    if suffix == ".npy" and path.is_file() and sglang.npy_is_pickled(path):
+      raise ValueError(
+        "holds a pickled object, and --previous never unpickles (--allow-pickle applies to "
+        "INPUT only); give a placement as plan --output writes it"
+      )
+    return sglang.read_physical_to_logical_map(path)
   except Exception as error:  # as load_weight
     raise _input_error("--previous", path, error) from None
 
@@ -375,7 +388,7 @@ def plan(args: argparse.Namespace) -> int:
     )
   previous = None
   if args.previous is not None:
-    previous = load_previous(pathlib.Path(args.previous), allow_pickle=args.allow_pickle)
+    previous = load_previous(pathlib.Path(args.previous), shape.num_replicas)
 
   print(f"eplb-jax plan: {source}")
   print(
@@ -424,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_argument(
     "--allow-pickle",
     action="store_true",
-    help="read pickled .npy dicts (sglang-jax's dumps); unpickling runs code: trusted files only",
+    help="read a pickled .npy dict (sglang-jax's dump) as INPUT; unpickling runs code: trusted "
+    "files only. Applies to INPUT only: --previous never unpickles",
   )
   sub.add_argument(
     "--decay",
@@ -448,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_argument(
     "--previous",
     metavar="PLACEMENT",
-    help="placement in service (a plan --output file or an --init-expert-location file): "
-    "keep replicas where they are as far as balance allows",
+    help="placement in service (a plan --output file or an --init-expert-location file, never "
+    "a pickled one): keep replicas where they are as far as balance allows",
   )
   sub.add_argument(
     "--output", metavar="PATH", help="write the placement to PATH (not INPUT or --previous)"

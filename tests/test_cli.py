@@ -411,6 +411,32 @@ def test_atomic_write_refuses_a_read_only_file_as_open_does():
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def test_plan_zero_layer_json_reads_back_as_previous(tmp_path, capsys):
+  source, first, second = tmp_path / "loads.npy", tmp_path / "old.json", tmp_path / "new.npz"
+  np.save(source, np.zeros((0, 12)))
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(first)]) == 0
+  args = ["plan", str(source), *SIZES, "--previous", str(first), "--output", str(second)]
+  assert cli.main(args) == 0
+  assert _read_maps(second)["phy2log"].shape == (0, 16)
+  # With layers, the empty placement is the wrong shape: a clear error.
+  np.save(source, WEIGHT)
+  assert cli.main(["plan", str(source), *SIZES, "--previous", str(first)]) == 2
+  assert "previous_phy2log must have shape" in capsys.readouterr().err
+
+
+def test_allow_pickle_applies_to_the_input_only(tmp_path, capsys):
+  source, previous = tmp_path / "loads.npy", tmp_path / "old.npy"
+  np.save(source, WEIGHT)
+  phy2log = np.asarray(eplb_jax.rebalance_experts(WEIGHT, *SIZE_ARGS).phy2log)
+  np.save(previous, {"physical_to_logical_map": phy2log}, allow_pickle=True)
+  args = ["plan", str(source), *SIZES, "--allow-pickle", "--previous", str(previous)]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("eplb-jax: error: cannot read --previous ") and "never unpickles" in err
+  np.save(previous, phy2log)  # the bare array plan --output writes: read
+  assert cli.main(args) == 0
+
+
 # ------------------------------------------------------------------ engine files
 
 
