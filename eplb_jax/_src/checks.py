@@ -15,6 +15,8 @@ row (exact, and never done to loads whose sums fit).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,6 +164,17 @@ def check_num_gpus(num_gpus: object, num_slots: int) -> int:
   return num_slots // num_gpus
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _held(phy2log: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+  """``[L, E]`` whether each layer of ``phy2log`` holds each expert, and whether all do (one
+  dispatch, for an eager call)."""
+  num_layers = phy2log.shape[0]
+  expert = jnp.where(phy2log >= 0, phy2log, num_experts)
+  held = jnp.zeros((num_layers, num_experts + 1), bool)
+  held = held.at[jnp.arange(num_layers)[:, None], expert].set(True)[:, :num_experts]
+  return held, held.all()
+
+
 def check_served(phy2log: jax.Array, num_experts: int, name: str) -> None:
   """Value check of a placement ``phy2log [L, P]`` (ids in ``[0, E)``, -1 for a slot that
   serves nothing): ``ValueError`` naming ``name`` if a layer leaves an expert without a replica.
@@ -172,11 +185,8 @@ def check_served(phy2log: jax.Array, num_experts: int, name: str) -> None:
   if not is_concrete(phy2log) or not phy2log.size:
     return
   with jax.ensure_compile_time_eval():  # concrete inside a trace too
-    num_layers = phy2log.shape[0]
-    expert = jnp.where(phy2log >= 0, phy2log, num_experts)
-    held = jnp.zeros((num_layers, num_experts + 1), bool)
-    held = held.at[jnp.arange(num_layers)[:, None], expert].set(True)[:, :num_experts]
-    if bool(held.all()):
+    held, every = _held(phy2log, num_experts)
+    if bool(every):
       return
   layer, expert = np.argwhere(~np.asarray(held))[0]
   raise ValueError(
