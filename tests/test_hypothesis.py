@@ -197,7 +197,10 @@ def test_placement_views(case, num_gpus):
   slot = np.where(phy2log >= 0, np.take_along_axis(per_replica, phy2log.clip(0), -1), 0.0)
   expected = slot.reshape(num_layers, num_gpus, per_gpu).sum(-1)
   chex.assert_shape((loads, jitted), (num_layers, num_gpus))
-  np.testing.assert_allclose(loads, expected, rtol=1e-5)
+  # XLA on CPU flushes subnormal results to zero: the absolute tolerance covers them.
+  np.testing.assert_allclose(
+    loads, expected, rtol=1e-5, atol=VIEW_SLOTS * np.finfo(np.float32).tiny
+  )
   chex.assert_trees_all_equal(jitted, loads)
 
 
