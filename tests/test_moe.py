@@ -121,7 +121,10 @@ def _one_device_layer(x, gates, ids, weights, placement, **kwargs):
   return moe.moe_layer(x, gates, ids, weights, moe_mlp, *maps, mesh=mesh, **kwargs)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+# Eager shard_map dispatches op by op (about 10 s here): the eager run is in the heavy tier.
+@pytest.mark.parametrize(
+  "jit", [pytest.param(False, marks=pytest.mark.heavy), True], ids=["eager", "jit"]
+)
 def test_zero_tokens(jit):
   logical, x, gates, ids, placement = moe_problem()
   per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
