@@ -13,7 +13,9 @@ for SGLang or sglang-jax.
 
 Errors in the input, the sizes or the output print ``eplb-jax: error:
 <message>`` to stderr and exit with status 2; no traceback. Output files are
-written atomically: a failed write leaves the previous file as it was.
+written atomically: a failed write leaves the previous file as it was, and an
+existing file keeps its permissions. ``--output`` may not name the input or
+the ``--previous`` file, and ``--allow-pickle`` applies to the input only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from eplb_jax import metrics
@@ -143,12 +146,15 @@ def load_weight(
     raise _input_error("INPUT", path, error) from None
 
 
-def load_previous(path: pathlib.Path, *, allow_pickle: bool = False) -> np.ndarray:
+def load_previous(path: pathlib.Path, num_replicas: int) -> np.ndarray:
   """Reads the placement in service ``phy2log [layers, slots]`` for ``--previous``.
 
   Takes what ``plan --output`` writes: eplb_jax's ``.npz`` / ``.json`` maps
-  (``phy2log``), or an ``--init-expert-location`` file with
-  ``physical_to_logical_map`` (``.json``, ``.pt``, ``.npy``).
+  (``phy2log``; the empty list of a 0-layer plan reads as ``[0,
+  num_replicas]``), or an ``--init-expert-location`` file with
+  ``physical_to_logical_map`` (``.json``, ``.pt``, a bare array ``.npy``).
+  Never unpickles: ``--allow-pickle`` applies to INPUT only, and no file
+  that ``plan`` writes is pickled.
   """
   suffix = path.suffix.lower()
   try:
@@ -158,8 +164,16 @@ def load_previous(path: pathlib.Path, *, allow_pickle: bool = False) -> np.ndarr
     if suffix == ".json":
       data = _read_json(path)
       if isinstance(data, dict) and "phy2log" in data:
-        return np.asarray(data["phy2log"])
-    return sglang.read_physical_to_logical_map(path, allow_pickle=allow_pickle)
+        phy2log = np.asarray(data["phy2log"])
+        if phy2log.shape == (0,):  # JSON keeps no shape for an empty list
+          return np.zeros((0, num_replicas), np.int32)
+        return phy2log
+    if suffix == ".npy" and path.is_file() and sglang.npy_is_pickled(path):
+      raise ValueError(
+        "holds a pickled object, and --previous never unpickles (--allow-pickle applies to "
+        "INPUT only); give a placement as plan --output writes it"
+      )
+    return sglang.read_physical_to_logical_map(path)
   except Exception as error:  # as load_weight
     raise _input_error("--previous", path, error) from None
 
@@ -253,8 +267,11 @@ def _problem(args: argparse.Namespace) -> tuple[workloads.Shape, np.ndarray, str
   )
   shape.topology.check_experts(shape.num_experts)
   checks.check_weight_values(weight)  # ValueError for negative, NaN, inf loads
-  if weight.ndim == 3:
-    weight = stats.decayed_load(weight, 1.0 if args.decay is None else args.decay)
+  if weight.ndim == 3 and args.decay is None:
+    weight = checks.sum_window(weight)  # as rebalance sums a window: the same loads, bit for bit
+  elif weight.ndim == 3:
+    # Each layer's steps scaled together, as for the sum, so that the decayed sum stays finite.
+    weight = stats.decayed_load(jnp.swapaxes(checks.layer_steps(weight), 0, 1), args.decay)
   return shape, np.asarray(weight, np.float64), source
 
 
@@ -270,19 +287,30 @@ def _timed_rebalance(weight: np.ndarray, shape: workloads.Shape, mode: str, prev
   return placement, times
 
 
+def _balancedness(loads: np.ndarray) -> np.ndarray:
+  """Mean over max of each row of float64 ``loads [L, G]``; 1 for an all-zero row."""
+  peak = loads.max(axis=-1)
+  return np.where(peak > 0, loads.mean(axis=-1) / np.where(peak > 0, peak, 1), 1.0)
+
+
 def _summary(weight, shape, placement, times, previous) -> None:
-  # Balance over the active GPUs, against the bound of their problem.
+  # Balance over the active GPUs, against the bound of their problem. Every figure is a ratio of
+  # one layer's loads: each layer is scaled by the power of two (exact) that keeps its sum within
+  # float32, in which the bound is computed, and GPU loads are summed in float64, so that finite
+  # loads give finite figures.
   active = shape.topology.survivors()
-  phy2log, _, logcnt = placement
-  before = metrics.layer_balancedness(contiguous_loads(weight, active.num_gpus))
-  loads = metrics.gpu_loads(weight, phy2log, logcnt, shape.num_gpus)
+  weight = checks.sanitize_weight(jnp.asarray(weight, jnp.float32))
+  before = _balancedness(contiguous_loads(np.asarray(weight, np.float64), active.num_gpus))
+  replica = np.asarray(placement.replica_loads(weight), np.float64)
+  loads = replica.reshape(shape.num_layers, shape.num_gpus, -1).sum(-1)
   loads = loads[:, np.asarray(shape.topology.active_gpus)]
-  after = np.asarray(metrics.layer_balancedness(loads))
+  after = _balancedness(loads)
   bound = metrics.lower_bound(
     weight, active.num_replicas, active.num_gpus, active.num_groups, active.num_nodes
   )
-  ratio = np.asarray(loads.max(axis=-1) / bound)
-  ratio = np.where(np.isfinite(ratio), ratio, 1.0)  # all-zero layers: 0 / 0
+  bound = np.asarray(bound, np.float64)
+  peak = loads.max(axis=-1)
+  ratio = np.where(bound > 0, peak / np.where(bound > 0, bound, 1), 1.0)  # all-zero layers: 1
   worst = int(np.argmin(after))
   print(
     f"  balancedness  {float(np.mean(before)):.4f} before (contiguous, no replicas) -> "
@@ -291,7 +319,7 @@ def _summary(weight, shape, placement, times, previous) -> None:
   print(f"  worst layer   {worst}: balancedness {after[worst]:.4f}")
   print(f"  max / bound   {ratio.mean():.4f} mean, {ratio.max():.4f} worst (1 = provably optimal)")
   if previous is not None:
-    moved, changed = migration_cost(previous, phy2log, shape.num_gpus)
+    moved, changed = migration_cost(previous, placement.phy2log, shape.num_gpus)
     print(
       f"  migration     {int(np.sum(moved))} replicas moved onto GPUs, "
       f"{int(np.sum(changed))} slots changed (from --previous)"
@@ -334,6 +362,14 @@ def _compile_cache(args: argparse.Namespace) -> None:
   jax.config.update("jax_compilation_cache_dir", str(path))
 
 
+def _same_file(path: pathlib.Path, other: str | None) -> bool:
+  """Whether ``path`` and ``other`` name one existing file (through links and ``..`` too)."""
+  try:
+    return other is not None and os.path.samefile(path, other)
+  except OSError:  # either is missing or unreadable: not one existing file
+    return False
+
+
 def plan(args: argparse.Namespace) -> int:
   """The ``plan`` subcommand: balance, summarise, optionally write the placement."""
   _compile_cache(args)  # before anything compiles: JAX sets its cache up on first use
@@ -341,6 +377,9 @@ def plan(args: argparse.Namespace) -> int:
   if output is None and args.format is not None:
     raise ValueError("--format needs --output")
   fmt = None if output is None else output_format(output, args.format)
+  for flag, read in (("the INPUT file", args.input), ("the --previous file", args.previous)):
+    if output is not None and _same_file(output, read):
+      raise ValueError(f"--output {output} is {flag}: writing it would replace what it holds")
   shape, weight, source = _problem(args)
   if shape.failed_gpus and fmt in ("sglang", "sglang-jax"):
     raise ValueError(
@@ -349,7 +388,7 @@ def plan(args: argparse.Namespace) -> int:
     )
   previous = None
   if args.previous is not None:
-    previous = load_previous(pathlib.Path(args.previous), allow_pickle=args.allow_pickle)
+    previous = load_previous(pathlib.Path(args.previous), shape.num_replicas)
 
   print(f"eplb-jax plan: {source}")
   print(
@@ -398,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_argument(
     "--allow-pickle",
     action="store_true",
-    help="read pickled .npy dicts (sglang-jax's dumps); unpickling runs code: trusted files only",
+    help="read a pickled .npy dict (sglang-jax's dump) as INPUT; unpickling runs code: trusted "
+    "files only. Applies to INPUT only: --previous never unpickles",
   )
   sub.add_argument(
     "--decay",
@@ -422,10 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_argument(
     "--previous",
     metavar="PLACEMENT",
-    help="placement in service (a plan --output file or an --init-expert-location file): "
-    "keep replicas where they are as far as balance allows",
+    help="placement in service (a plan --output file or an --init-expert-location file, never "
+    "a pickled one): keep replicas where they are as far as balance allows",
   )
-  sub.add_argument("--output", metavar="PATH", help="write the placement to PATH")
+  sub.add_argument(
+    "--output", metavar="PATH", help="write the placement to PATH (not INPUT or --previous)"
+  )
   sub.add_argument(
     "--format",
     choices=tuple(OUTPUT_FORMATS),

@@ -7,8 +7,11 @@ import io
 import json
 import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 
 import chex
 import hypothesis
@@ -19,6 +22,7 @@ from hypothesis import strategies as st
 
 import eplb_jax
 from eplb_jax import cli
+from eplb_jax._src import files
 
 # DeepSeek's README example: 2 layers x 12 experts onto 16 slots, 4 groups, 2 nodes, 8 GPUs.
 WEIGHT = np.array(
@@ -130,6 +134,7 @@ def test_contiguous_loads():
     (["loads.txt", *SIZES], "INPUT"),
     (["loads.npy", "--num-replicas", "8", "--num-gpus", "8"], "num_replicas"),
     (["loads.npy", "--num-replicas", "16"], "--num-gpus"),
+    (["loads.npy", *SIZES[:-1], str(2**32)], "num_gpus must be at most 2**31 - 1"),
     (["loads.npy", *SIZES, "--output", "maps.csv"], "--output"),
     (["loads.npz", *SIZES, "--key", "missing"], "--key"),
     (["loads.npy", *SIZES, "--key", "weight"], "--key applies to .npz and .json"),
@@ -327,6 +332,111 @@ def test_plan_failed_write_keeps_the_previous_file(tmp_path, capsys, output):
   assert sorted(path.name for path in tmp_path.iterdir()) == ["loads.npy", output]
 
 
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hardlink"])
+@pytest.mark.parametrize("read", ["input", "previous"])
+def test_plan_refuses_to_write_over_what_it_reads(tmp_path, capsys, read, spelling):
+  source, previous = tmp_path / "loads.json", tmp_path / "old.json"
+  source.write_text(json.dumps(WEIGHT.tolist()))
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(previous)]) == 0
+  before = {path: path.read_bytes() for path in (source, previous)}
+  target = source if read == "input" else previous
+  if spelling == "dotdot":
+    (tmp_path / "sub").mkdir()
+    target = tmp_path / "sub" / ".." / target.name
+  elif spelling == "symlink":
+    (tmp_path / "link.json").symlink_to(target)
+    target = tmp_path / "link.json"
+  elif spelling == "hardlink":
+    (tmp_path / "link.json").hardlink_to(target)
+    target = tmp_path / "link.json"
+  args = ["plan", str(source), *SIZES, "--previous", str(previous), "--output", str(target)]
+  capsys.readouterr()
+  assert cli.main(args) == 2
+  flag = "INPUT" if read == "input" else "--previous"
+  assert f"eplb-jax: error: --output {target} is the {flag} file" in capsys.readouterr().err
+  assert {path: path.read_bytes() for path in (source, previous)} == before
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755])
+def test_plan_output_keeps_the_permission_bits(tmp_path, capsys, mode):
+  source, target = tmp_path / "loads.npy", tmp_path / "maps.json"
+  np.save(source, WEIGHT)
+  target.write_bytes(b"previous")
+  target.chmod(mode)
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(target)]) == 0
+  assert stat.S_IMODE(target.stat().st_mode) == mode
+  assert _read_maps(target)["phy2log"].shape == (2, 16)
+
+
+@contextlib.contextmanager
+def _unprivileged(path: str):
+  """Runs the block as the owner of ``path``: as user nobody when the tests run as root (who
+  may write any file, with ``open`` as with ``write_atomic``)."""
+  if os.geteuid() != 0:
+    yield
+    return
+  try:
+    nobody = pytest.importorskip("pwd").getpwnam("nobody").pw_uid
+  except KeyError:
+    pytest.skip("no user nobody to run as")
+  os.chown(path, nobody, -1)
+  os.seteuid(nobody)
+  try:
+    yield
+  finally:
+    os.seteuid(0)
+
+
+def test_atomic_write_refuses_a_read_only_file_as_open_does():
+  directory = tempfile.mkdtemp()  # under /tmp: reachable by any user
+  try:
+    os.chmod(directory, 0o777)  # the rename itself would be allowed
+    path = os.path.join(directory, "maps.json")
+    with open(path, "w") as file:
+      file.write("previous")
+    outcomes = []
+    with _unprivileged(path):
+      os.chmod(path, 0o444)
+      for write in (lambda: open(path, "ab").close(), lambda: files.write_atomic(path, bytes)):
+        try:
+          write()
+          outcomes.append("written")
+        except PermissionError:
+          outcomes.append("refused")
+    assert outcomes == ["refused", "refused"]
+    with open(path) as file:
+      assert file.read() == "previous"
+    assert os.listdir(directory) == ["maps.json"]
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_plan_zero_layer_json_reads_back_as_previous(tmp_path, capsys):
+  source, first, second = tmp_path / "loads.npy", tmp_path / "old.json", tmp_path / "new.npz"
+  np.save(source, np.zeros((0, 12)))
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(first)]) == 0
+  args = ["plan", str(source), *SIZES, "--previous", str(first), "--output", str(second)]
+  assert cli.main(args) == 0
+  assert _read_maps(second)["phy2log"].shape == (0, 16)
+  # With layers, the empty placement is the wrong shape: a clear error.
+  np.save(source, WEIGHT)
+  assert cli.main(["plan", str(source), *SIZES, "--previous", str(first)]) == 2
+  assert "previous_phy2log must have shape" in capsys.readouterr().err
+
+
+def test_allow_pickle_applies_to_the_input_only(tmp_path, capsys):
+  source, previous = tmp_path / "loads.npy", tmp_path / "old.npy"
+  np.save(source, WEIGHT)
+  phy2log = np.asarray(eplb_jax.rebalance_experts(WEIGHT, *SIZE_ARGS).phy2log)
+  np.save(previous, {"physical_to_logical_map": phy2log}, allow_pickle=True)
+  args = ["plan", str(source), *SIZES, "--allow-pickle", "--previous", str(previous)]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("eplb-jax: error: cannot read --previous ") and "never unpickles" in err
+  np.save(previous, phy2log)  # the bare array plan --output writes: read
+  np.testing.assert_array_equal(cli.load_previous(previous, 16), phy2log)
+
+
 # ------------------------------------------------------------------ engine files
 
 
@@ -360,6 +470,57 @@ def test_plan_decay_weights_recent_steps(tmp_path):
   assert cli.main(["plan", str(source), *SIZES, "--decay", "0.5", "--output", str(target)]) == 0
   expected = eplb_jax.rebalance_experts(0.5 * window[0] + window[1], *SIZE_ARGS)
   np.testing.assert_array_equal(_read_maps(target)["phy2log"], expected.phy2log)
+
+
+def _summary_lines(out):
+  return [
+    line for line in out.splitlines() if line.startswith(("  balancedness", "  worst", "  max"))
+  ]
+
+
+@pytest.mark.parametrize("scale", [2.0**990, 2.0**120], ids=["float64", "float32"])
+def test_plan_summary_of_huge_finite_loads(tmp_path, capsys, scale):
+  # Loads scaled by a power of two: the same placement and the same figures, finite.
+  dtype = np.float64 if scale > 2.0**127 else np.float32
+  source = tmp_path / "loads.npy"
+  np.save(source, WEIGHT.astype(np.float64))
+  assert cli.main(["plan", str(source), *SIZES]) == 0
+  expected = _summary_lines(capsys.readouterr().out)
+  np.save(source, (WEIGHT * scale).astype(dtype))
+  assert cli.main(["plan", str(source), *SIZES]) == 0
+  assert _summary_lines(capsys.readouterr().out) == expected
+  assert len(expected) == 3 and not re.search("inf|nan", " ".join(expected))
+
+
+@pytest.mark.parametrize("decay", [None, 0.9])
+def test_plan_window_of_huge_finite_loads(tmp_path, capsys, decay):
+  # A window is summed as the API sums it, each layer's steps scaled together: a window of
+  # finite loads near float64's limit (float32 sums of its steps would overflow) is balanced as
+  # the same window at a normal scale (an exact power of two apart), and as the API balances it.
+  window = np.stack([WEIGHT, WEIGHT[::-1]] * 4).astype(np.float64)
+  maps = []
+  for scale in (1.0, 2.0**1000):
+    source, target = tmp_path / "window.npy", tmp_path / f"maps-{len(maps)}.npz"
+    np.save(source, window * scale)
+    args = ["plan", str(source), *SIZES, "--output", str(target)]
+    assert cli.main(args + ([] if decay is None else ["--decay", str(decay)])) == 0
+    assert len(_summary_lines(capsys.readouterr().out)) == 3
+    maps.append(_read_maps(target))
+  chex.assert_trees_all_equal(*maps)
+  if decay is None:
+    expected = eplb_jax.rebalance_experts(window * 2.0**1000, *SIZE_ARGS)
+    np.testing.assert_array_equal(maps[1]["phy2log"], expected.phy2log)
+
+
+def test_plan_sums_a_window_as_the_api_does(tmp_path):
+  window = np.random.default_rng(0).uniform(size=(5, 2, 12)) * 1e3
+  source, target = tmp_path / "window.npy", tmp_path / "maps.npz"
+  np.save(source, window)
+  assert cli.main(["plan", str(source), *SIZES, "--output", str(target)]) == 0
+  expected = eplb_jax.rebalance_experts(window, *SIZE_ARGS)
+  chex.assert_trees_all_equal(
+    _read_maps(target), {k: np.asarray(v) for k, v in expected._asdict().items()}
+  )
 
 
 def test_plan_previous_is_migration_aware(tmp_path, capsys):

@@ -55,6 +55,41 @@ def test_an_unserved_expert_forces_the_rebalance():
   assert decided.current_heaviest[1] == np.inf
 
 
+# Layer 0 of BROKEN holds no replica of expert 3, and is far lighter than CURRENT's under WEIGHT.
+BROKEN = from_phy2log(np.array([[0, 1, 0, 2, 0, 1, 0, 2], CURRENT[1]], np.int32), 4)
+
+
+def test_a_new_placement_without_some_expert_raises():
+  with pytest.raises(ValueError, match="^new must give every expert a replica.*layer 0 .* 3"):
+    eplb_jax.gate_placement(WEIGHT, TOPOLOGY, CURRENT, BROKEN, 0.0)
+  # Its only replicas of expert 3 on a failed GPU: none on an active one.
+  topology = eplb_jax.Topology(8, 1, 1, 4, failed_gpus=(2,))
+  new = from_phy2log(np.array([[0, 1, 0, 2, 3, 3, -1, -1], CURRENT[1]]), 4)
+  with pytest.raises(ValueError, match="^new must give every expert a replica.*layer 0 .* 3"):
+    eplb_jax.gate_placement(WEIGHT, topology, CURRENT, new, 0.0)
+  with pytest.raises(ValueError, match=r"^new.phy2log must hold expert ids in \[0, 4\)"):
+    eplb_jax.gate_placement(WEIGHT, TOPOLOGY, CURRENT, NEW._replace(phy2log=NEW.phy2log + 1), 0)
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_a_new_layer_without_some_expert_is_never_taken_under_jit(per_layer):
+  gate = jax.jit(
+    lambda c, n: eplb_jax.gate_placement(WEIGHT, TOPOLOGY, c, n, 0.0, per_layer=per_layer)
+  )
+  decided = gate(CURRENT, BROKEN)
+  assert decided.new_heaviest[0] == np.inf
+  # Per layer, layer 1 (no better) stays; for the whole model, nothing is taken.
+  chex.assert_trees_all_equal(decided.rebalanced, np.array([False, False]))
+  chex.assert_trees_all_equal(decided.placement.phy2log, CURRENT)
+  # A current layer without some expert is rebalanced, except onto a new one without some expert.
+  current = CURRENT.copy()
+  current[:, [3, 7]] = -1  # expert 3 of both layers has no replica left
+  decided = gate(current, BROKEN)
+  chex.assert_trees_all_equal(decided.rebalanced, np.array([False, True]))
+  chex.assert_trees_all_equal(decided.placement.phy2log[0], current[0])
+  chex.assert_trees_all_equal(decided.placement.phy2log[1], CURRENT[1])
+
+
 def test_failed_gpu_slots_serve_nothing():
   topology = eplb_jax.Topology(8, 1, 1, 4, failed_gpus=(1,))
   # Layer 1 is CURRENT's without GPU 1's slots.
@@ -94,6 +129,11 @@ def test_jitted_gated_rebalance_traces_once():
     ({"threshold": -0.1}, "threshold must be a finite number >= 0"),
     ({"threshold": np.nan}, "threshold must be a finite number >= 0"),
     ({"threshold": np.inf}, "threshold must be a finite number >= 0"),
+    ({"threshold": np.array([0.1, 0.2])}, r"threshold must be a scalar, got shape \(2,\)"),
+    ({"threshold": np.array([0.1])}, r"threshold must be a scalar, got shape \(1,\)"),
+    ({"threshold": None}, "threshold must be a real number, got None"),
+    ({"threshold": "0.1"}, "threshold must be a real number"),
+    ({"threshold": True}, "threshold must be a real number"),
     ({"per_layer": 1}, "per_layer must be a bool"),
     ({"current": CURRENT[:, :6]}, r"current_phy2log must have shape \[layers, num_replicas\]"),
     ({"current": CURRENT + 4}, r"current_phy2log must hold expert ids in \[0, 4\)"),

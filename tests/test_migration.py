@@ -255,5 +255,8 @@ def test_rejects_bad_previous():
     eplb_jax.rebalance_with_previous(weight, *sizes, previous.astype(np.float32))
   with pytest.raises(ValueError, match="tolerance must be"):
     eplb_jax.rebalance_with_previous(weight, *sizes, previous, tolerance=-0.1)
+  for tolerance, message in ((None, "a real number"), (np.array([0.1, 0.2]), "a scalar")):
+    with pytest.raises(ValueError, match=f"^tolerance must be {message}"):
+      eplb_jax.rebalance_with_previous(weight, *sizes, previous, tolerance=tolerance)
   with pytest.raises(ValueError, match="num_replicas must be a multiple"):
     eplb_jax.rebalance_with_previous(weight, num_replicas + 1, *sizes[1:], previous)

@@ -35,10 +35,16 @@ def test_capacity(tokens, top_k, num_replicas, factor, expected):
   assert moe.capacity(tokens, top_k, num_replicas, factor) == expected
 
 
-@pytest.mark.parametrize("factor", [0, -1.0, "1.25", jnp.float32(1.0)])
+@pytest.mark.parametrize(
+  "factor", [0, -1.0, "1.25", jnp.float32(1.0), np.inf, np.nan, True], ids=repr
+)
 def test_capacity_rejects_bad_factors(factor):
   with pytest.raises(ValueError, match="capacity_factor"):
     moe.capacity(16, 2, 16, factor)
+
+
+def test_capacity_of_huge_factors_is_the_bound():
+  assert moe.capacity(16, 2, 16, 1e308) == moe.capacity(16, 2, 16, 10**400) == 16
 
 
 def test_top_k_routing():
@@ -107,6 +113,41 @@ def test_bad_shapes_raise():
     moe.moe_reference(x, gates, ids, logical, moe_mlp, *maps, num_gpus=32)
   with pytest.raises(ValueError, match=r"expert_params leaves must be \[8, ...\]"):
     moe.moe_reference(x, gates, ids, per_slot, moe_mlp, *maps, num_gpus=8)
+
+
+def _one_device_layer(x, gates, ids, weights, placement, **kwargs):
+  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  maps = (placement.log2phy, placement.logcnt)
+  return moe.moe_layer(x, gates, ids, weights, moe_mlp, *maps, mesh=mesh, **kwargs)
+
+
+# Eager shard_map dispatches op by op (about 10 s here): the eager run is in the heavy tier.
+@pytest.mark.parametrize(
+  "jit", [pytest.param(False, marks=pytest.mark.heavy), True], ids=["eager", "jit"]
+)
+def test_zero_tokens(jit):
+  logical, x, gates, ids, placement = moe_problem()
+  per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
+  layer = jax.jit(_one_device_layer) if jit else _one_device_layer
+  y, stats = layer(x[:0], gates[:0], ids[:0], per_slot, placement)
+  chex.assert_trees_all_equal(y, jnp.zeros((0, x.shape[1]), x.dtype))
+  zeros = jnp.zeros((1, placement.phy2log.shape[0]), jnp.int32)
+  chex.assert_trees_all_equal(stats, moe.DispatchStats(zeros, zeros))
+  maps = (placement.log2phy, placement.logcnt)
+  reference = moe.moe_reference(x[:0], gates[:0], ids[:0], logical, moe_mlp, *maps, num_gpus=1)
+  chex.assert_trees_all_equal((y, stats), reference)
+
+
+def test_params_of_another_slot_count_raise():
+  logical, x, gates, ids, placement = moe_problem()  # 16 slots
+  for slots in (placement.phy2log[:8], jnp.concatenate([placement.phy2log] * 2)):
+    per_slot = jax.tree.map(lambda w, s=slots: w[s], logical)
+    with pytest.raises(ValueError, match=r"^expert_params leaves must be \[16, ...\]"):
+      _one_device_layer(x, gates, ids, per_slot, placement)
+    with pytest.raises(ValueError, match=r"^expert_params leaves must be \[16, ...\]"):
+      jax.jit(_one_device_layer)(x, gates, ids, per_slot, placement)
+  with pytest.raises(ValueError, match=r"^log2phy must be \[E, P - E \+ 1\]"):
+    _one_device_layer(x, gates, ids, logical, placement._replace(log2phy=placement.log2phy[None]))
 
 
 @pytest.fixture(scope="module")

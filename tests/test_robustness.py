@@ -15,6 +15,7 @@ from conftest import check_placement
 from conftest import loads
 
 import eplb_jax
+from eplb_jax import metrics
 from eplb_jax.runtime import dispatch
 from eplb_jax.runtime import params
 from eplb_jax.runtime import stats
@@ -84,6 +85,46 @@ def test_zero_layers():
     [(0, num_replicas), (0, num_replicas), (0, num_experts)],
   )
   _assert_empty(eplb_jax.migration_cost(previous, previous, 8), [(0,), (0,)])
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_zero_layers_views_and_gate(jit, per_layer):
+  num_experts, num_replicas, num_gpus = SHAPE[1], SIZES[0], SIZES[-1]
+  topology = eplb_jax.Topology(*SIZES)
+  weight = np.zeros((0, num_experts), np.float32)
+  current = np.zeros((0, num_replicas), np.int32)
+  new = eplb_jax.rebalance(weight, topology)
+  call = jax.jit if jit else (lambda f: f)
+  gated = (
+    call(lambda w, c, p: eplb_jax.gate_placement(w, topology, c, p, 0.1, per_layer=per_layer))(
+      weight, current, new
+    ),
+    call(lambda w, c: eplb_jax.gated_rebalance(w, topology, c, 0.1, per_layer=per_layer))(
+      weight, current
+    ),
+  )
+  for decided in gated:
+    chex.assert_trees_all_equal(decided.placement, new)
+    chex.assert_shape((decided.rebalanced, decided.current_heaviest, decided.new_heaviest), (0,))
+  loads = call(lambda w, p: p.gpu_loads(w, num_gpus))(weight, new)
+  chex.assert_trees_all_equal(loads, jnp.zeros((0, num_gpus), jnp.float32))
+  chex.assert_trees_all_equal(metrics.gpu_loads(weight, new.phy2log, new.logcnt, num_gpus), loads)
+  chex.assert_trees_all_equal(
+    call(lambda p: p.gpu_experts(num_gpus))(new), jnp.zeros((0, num_gpus, 2), jnp.int32)
+  )
+
+
+@pytest.mark.parametrize("num_gpus", [0, 3, 2.0, 2**31])
+def test_views_check_num_gpus(num_gpus):
+  fresh = eplb_jax.rebalance_experts(loads("skewed", SHAPE, 0), *SIZES)
+  for view in (
+    lambda: fresh.gpu_experts(num_gpus),
+    lambda: fresh.gpu_loads(loads("skewed", SHAPE, 0), num_gpus),
+    lambda: metrics.gpu_loads(loads("skewed", SHAPE, 0), fresh.phy2log, fresh.logcnt, num_gpus),
+  ):
+    with pytest.raises(ValueError, match="^num_gpus must"):
+      view()
 
 
 def test_zero_experts():

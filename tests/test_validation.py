@@ -79,6 +79,19 @@ def test_non_positive_sizes(index, value):
     eplb_jax.rebalance_experts(WEIGHT, *sizes)
 
 
+# Sizes beyond int32, the core's integer type: refused by Topology before any JAX call.
+@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("value", [2**31, 2**32, 2**63, np.uint64(2**32)], ids=repr)
+def test_sizes_beyond_int32(index, value):
+  sizes = list(SIZES)
+  sizes[index] = value
+  name = ("num_replicas", "num_groups", "num_nodes", "num_gpus")[index]
+  with _raises(name):
+    eplb_jax.rebalance_experts(WEIGHT, *sizes)
+  with _raises(name):
+    eplb_jax.Topology(*sizes)
+
+
 @pytest.mark.parametrize("value", [16.0, 2.5, "16", jnp.array(16.0), None], ids=repr)
 def test_non_int_sizes(value):
   with _raises("num_replicas"):

@@ -88,7 +88,7 @@ def _gate(
   current = elastic.clear_failed(current, topology)
   # NaN and negative thresholds count as 0, inf as the largest float32.
   threshold = jnp.where(threshold > 0, jnp.minimum(threshold, jnp.finfo(jnp.float32).max), 0.0)
-  return gate.gate(weight, current, new, threshold, topology.num_gpus, per_layer)
+  return gate.gate(weight, current, new, threshold, topology, per_layer)
 
 
 def _check_weight(weight: jax.typing.ArrayLike, topology: Topology, **kwargs) -> jax.Array:
@@ -134,9 +134,10 @@ def _check_in_service(
 
 
 def _check_tolerance(tolerance: jax.typing.ArrayLike) -> jax.Array:
-  if checks.is_concrete(tolerance) and not 0 <= float(np.asarray(tolerance)) < 1:
+  value = checks.check_scalar(tolerance, "tolerance")
+  if checks.is_concrete(value) and not 0 <= float(value) < 1:
     raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
-  return jnp.asarray(tolerance, jnp.float32)
+  return jnp.asarray(value, jnp.float32)
 
 
 def rebalance(
@@ -333,13 +334,15 @@ def rebalance_with_previous(
 
 
 def _check_threshold(threshold: jax.typing.ArrayLike) -> jax.Array:
-  if checks.is_concrete(threshold) and not 0 <= float(np.asarray(threshold)) < np.inf:
+  value = checks.check_scalar(threshold, "threshold")
+  if checks.is_concrete(value) and not 0 <= float(value) < np.inf:
     raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-  return jnp.asarray(threshold, jnp.float32)
+  return jnp.asarray(value, jnp.float32)
 
 
 def _check_new(new: Placement, weight: jax.Array, topology: Topology) -> Placement:
-  """Checks the shapes and dtypes of a placement ``new`` of ``weight`` on ``topology``."""
+  """Checks a placement ``new`` of ``weight`` on ``topology``: shapes and dtypes; when
+  concrete, ``phy2log``'s ids and a replica of every expert on the active GPUs in every layer."""
   num_layers, num_logical = weight.shape
   want = {
     "phy2log": (num_layers, topology.num_replicas),
@@ -356,6 +359,9 @@ def _check_new(new: Placement, weight: jax.Array, topology: Topology) -> Placeme
     if np.shape(array) != shape:
       raise ValueError(f"new.{name} must have shape {shape}, got {np.shape(array)}")
     arrays.append(jnp.asarray(array, jnp.int32))
+  # Values, so eager calls only: under jit, gate.gate never takes such a layer of new.
+  phy2log = _check_in_service(new[0], weight, topology, "new.phy2log")
+  checks.check_served(elastic.clear_failed(phy2log, topology), num_logical, "new")
   return Placement(*arrays)
 
 
@@ -403,7 +409,10 @@ def gate_placement(
     current_phy2log: ``[L, P]`` int, the placement in service (-1: an empty
       slot). Under ``jax.jit`` ids outside ``[0, E)`` count as empty slots.
     new: the candidate :class:`Placement` on ``topology``, e.g. from
-      :func:`rebalance`.
+      :func:`rebalance`. Called eagerly, a ``new`` that leaves an expert
+      without a replica on the active GPUs raises ``ValueError``; under
+      ``jax.jit`` such a layer of ``new`` is scored as infinitely heavy
+      (``new_heaviest`` inf) and never taken.
     threshold: scalar ``>= 0``, the relative excess of the heaviest GPU that
       the placement in service may have over ``new``'s and still be kept (0:
       keep it only where ``new`` is no lighter). Under ``jax.jit`` NaN and
@@ -580,6 +589,5 @@ def migration_cost(
   if old.shape != new.shape:
     raise ValueError(f"new_phy2log must have the shape of old_phy2log {old.shape}, got {new.shape}")
   num_gpus = checks.check_size(num_gpus, "num_gpus")
-  if new.shape[1] % num_gpus:
-    raise ValueError(f"num_gpus must divide the number of slots ({new.shape[1]}), got {num_gpus}")
+  checks.check_num_gpus(num_gpus, new.shape[1])
   return _migration_cost(old, new, num_gpus)

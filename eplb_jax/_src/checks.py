@@ -15,6 +15,8 @@ row (exact, and never done to loads whose sums fit).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +25,14 @@ from eplb_jax._src.topology import check_size
 
 __all__ = [
   "check_ids",
+  "check_num_gpus",
+  "check_scalar",
+  "check_served",
   "check_size",
   "check_weight",
   "check_weight_values",
   "is_concrete",
+  "layer_steps",
   "narrow_ids",
   "sanitize_weight",
   "sum_window",
@@ -98,6 +104,22 @@ def _fit_float32(weight: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
   return xp.where(shift > 0, xp.ldexp(weight, -shift), weight)
 
 
+def check_scalar(value: object, name: str) -> jax.Array | np.ndarray:
+  """Static check of a real scalar: a Python int or float, or a 0-d integer or float array
+  (traced or not). Returns it as an array; ``ValueError`` naming ``name`` otherwise (None, a
+  bool, a string, an array of another shape)."""
+  if isinstance(value, bool) or not (hasattr(value, "dtype") or isinstance(value, int | float)):
+    raise ValueError(f"{name} must be a real number, got {value!r}")
+  value = value if hasattr(value, "dtype") else np.asarray(value)
+  if value.dtype == np.bool_ or not (
+    jnp.issubdtype(value.dtype, np.integer) or jnp.issubdtype(value.dtype, np.floating)
+  ):
+    raise ValueError(f"{name} must be a real number, got dtype {value.dtype}")
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+  return value
+
+
 def check_weight_values(weight: jax.Array | np.ndarray, name: str = "weight") -> None:
   """Value check of float32 loads: raises ``ValueError`` on negative, NaN or inf loads.
 
@@ -133,6 +155,46 @@ def sanitize_weight(weight: jax.Array) -> jax.Array:
   return weight * jax.lax.bitcast_convert_type((127 - shift) << 23, jnp.float32)
 
 
+def check_num_gpus(num_gpus: object, num_slots: int) -> int:
+  """The slots per GPU, ``num_slots / num_gpus``: ``ValueError`` naming ``num_gpus`` unless it
+  is a positive static int that divides ``num_slots``."""
+  num_gpus = check_size(num_gpus, "num_gpus")
+  if num_slots % num_gpus:
+    raise ValueError(f"num_gpus must divide the number of slots ({num_slots}), got {num_gpus}")
+  return num_slots // num_gpus
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _held(phy2log: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+  """``[L, E]`` whether each layer of ``phy2log`` holds each expert, and whether all do (one
+  dispatch, for an eager call)."""
+  num_layers = phy2log.shape[0]
+  expert = jnp.where(phy2log >= 0, phy2log, num_experts)
+  held = jnp.zeros((num_layers, num_experts + 1), bool)
+  held = held.at[jnp.arange(num_layers)[:, None], expert].set(True)[:, :num_experts]
+  return held, held.all()
+
+
+def check_served(phy2log: jax.Array, num_experts: int, name: str) -> None:
+  """Value check of a placement ``phy2log [L, P]`` (ids in ``[0, E)``, -1 for a slot that
+  serves nothing): ``ValueError`` naming ``name`` if a layer leaves an expert without a replica.
+
+  Does nothing when ``phy2log`` is traced. Counted where ``phy2log`` is; only
+  the verdict comes to the host, unless an expert is missing.
+  """
+  if not is_concrete(phy2log) or not phy2log.size:
+    return
+  with jax.ensure_compile_time_eval():  # concrete inside a trace too
+    held, every = _held(phy2log, num_experts)
+    if bool(every):
+      return
+  layer, expert = np.argwhere(~np.asarray(held))[0]
+  raise ValueError(
+    f"{name} must give every expert a replica on an active GPU in every layer: layer {layer} "
+    f"has none of expert {expert}"
+  )
+
+
 def check_ids(ids: jax.typing.ArrayLike, name: str) -> jax.Array | np.ndarray:
   """Static check of an array of ids (experts or slots): an integer array, or a list of ints.
 
@@ -163,15 +225,26 @@ def narrow_ids(ids: jax.Array | np.ndarray, limit: int, fill: int) -> jax.Array:
   return jnp.asarray(xp.where(valid, ids, fill).astype(xp.int32))
 
 
+def layer_steps(weight: jax.Array | np.ndarray) -> jax.Array:
+  """A checked window ``[N, L, E]`` as ``[L, N, E]``, sanitised layer by layer.
+
+  Each layer's steps are scaled together (:func:`sanitize_weight` on the
+  layer's ``N * E`` entries), so that any sum of them, plain or weighted by
+  factors up to 1, stays finite in float32.
+  """
+  steps, layers, experts = weight.shape
+  by_layer = jnp.swapaxes(weight, 0, 1).reshape(layers, steps * experts)
+  return sanitize_weight(by_layer).reshape(layers, steps, experts)
+
+
 def sum_window(weight: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
   """Loads ``[L, E]`` of a checked window ``[N, L, E]``: the sum over its steps.
 
   Entries are sanitised before the sum, so under ``jax.jit`` a bad entry of one
   step counts as 0 without spoiling the other steps; each layer's steps are
-  scaled together, so that their sum stays finite. ``[L, E]`` is returned as is.
+  scaled together, so that their sum stays finite (:func:`layer_steps`).
+  ``[L, E]`` is returned as is.
   """
   if weight.ndim == 2:
     return weight
-  steps, layers, experts = weight.shape
-  by_layer = jnp.swapaxes(weight, 0, 1).reshape(layers, steps * experts)
-  return sanitize_weight(by_layer).reshape(layers, steps, experts).sum(axis=1)
+  return layer_steps(weight).sum(axis=1)

@@ -18,8 +18,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from eplb_jax._src import elastic
 from eplb_jax._src import placement
 from eplb_jax._src.placement import Placement
+from eplb_jax._src.topology import Topology
 
 
 class GatedPlacement(NamedTuple):
@@ -32,8 +34,11 @@ class GatedPlacement(NamedTuple):
     rebalanced: ``[L]`` bool, whether each layer takes the new placement.
     current_heaviest: ``[L]`` float32, the heaviest GPU load of the placement
       in service under the new loads; ``inf`` in a layer where it leaves an
-      expert without a replica (such a layer is always rebalanced).
-    new_heaviest: ``[L]`` float32, the heaviest GPU load of the new placement.
+      expert without a replica (such a layer is rebalanced unless the new
+      placement leaves one too).
+    new_heaviest: ``[L]`` float32, the heaviest GPU load of the new placement;
+      ``inf`` in a layer where it leaves an expert without a replica (such a
+      layer of the new placement is never taken).
   """
 
   placement: Placement
@@ -42,33 +47,46 @@ class GatedPlacement(NamedTuple):
   new_heaviest: jax.Array
 
 
+def _unserved(phy2log: jax.Array, num_logical: int, topology: Topology) -> jax.Array:
+  """``[L]`` bool: whether a layer of ``phy2log`` leaves an expert without a replica on an
+  active GPU (a failed GPU's slots serve nothing; ids outside ``[0, E)`` count for no expert)."""
+  counts = placement.replica_counts(elastic.clear_failed(phy2log, topology), num_logical)
+  return (counts == 0).any(-1)
+
+
 def gate(
   weight: jax.Array,
   current: jax.Array,
   new: Placement,
   threshold: jax.Array,
-  num_gpus: int,
+  topology: Topology,
   per_layer: bool,
 ) -> GatedPlacement:
   """Chooses between the placement in service ``current [L, P]`` and ``new`` under ``weight``.
 
   ``weight [L, E]`` is sanitised; ``current`` holds expert ids or -1 (an
-  empty slot); ``threshold`` is a float32 scalar ``>= 0``. Per layer, or
+  empty slot), its slots on ``topology``'s failed GPUs already emptied;
+  ``threshold`` is a float32 scalar ``>= 0``. Per layer, or
   (``per_layer=False``) for all layers at once by the sums of their heaviest
   GPUs, the new placement is taken where the current one's heaviest GPU is
   above ``1 + threshold`` times the new one's; a layer whose current
-  placement leaves an expert without a replica is rebalanced in any case.
+  placement leaves an expert without a replica is rebalanced in any case. A
+  layer of ``new`` that leaves an expert without a replica is scored as
+  infinitely heavy and never taken.
   """
   num_logical = weight.shape[1]
+  num_gpus = topology.num_gpus
   kept = placement.from_phy2log(current, num_logical)
   unserved = (kept.logcnt == 0).any(-1)
+  broken = _unserved(new.phy2log, num_logical, topology)
   current_max = placement.gpu_loads(weight, current, kept.logcnt, num_gpus).max(-1)
   new_max = placement.gpu_loads(weight, new.phy2log, new.logcnt, num_gpus).max(-1)
+  new_max = jnp.where(broken, jnp.inf, new_max)
   if per_layer:
     worse = current_max > (1 + threshold) * new_max
   else:
     worse = jnp.broadcast_to(current_max.sum() > (1 + threshold) * new_max.sum(), unserved.shape)
-  rebalanced = worse | unserved
+  rebalanced = (worse | unserved) & ~broken
   chosen = jax.tree.map(
     lambda a, b: jnp.where(rebalanced.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, kept
   )

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from eplb_jax._src import checks
 from eplb_jax._src import counts
 from eplb_jax._src import duplicates
 from eplb_jax._src import ops
@@ -53,7 +54,8 @@ class Placement(NamedTuple):
 
   def gpu_experts(self, num_gpus: int) -> jax.Array:
     """``[L, num_gpus, P / num_gpus]``: the experts each GPU holds, slot by slot."""
-    return self.phy2log.reshape(self.phy2log.shape[0], num_gpus, -1)
+    num_layers, num_slots = self.phy2log.shape
+    return self.phy2log.reshape(num_layers, num_gpus, checks.check_num_gpus(num_gpus, num_slots))
 
   def replica_loads(self, weight: jax.typing.ArrayLike) -> jax.Array:
     """``[L, P]`` float32: the load each slot serves, ``weight[e] / logcnt[e]`` for its expert."""
@@ -78,7 +80,9 @@ def gpu_loads(
 ) -> jax.Array:
   """``[L, num_gpus]``: each GPU's load, the sum of its slots' :func:`replica_loads`."""
   slot_load = replica_loads(weight, phy2log, logcnt)
-  return slot_load.reshape(slot_load.shape[0], num_gpus, -1).sum(-1)
+  num_layers, num_slots = slot_load.shape
+  per_gpu = checks.check_num_gpus(num_gpus, num_slots)  # explicit: -1 fails on zero layers
+  return slot_load.reshape(num_layers, num_gpus, per_gpu).sum(-1)
 
 
 def _take(values: jax.Array, indices: jax.Array) -> jax.Array:

@@ -19,10 +19,13 @@ import numpy as np
 
 HIERARCHICAL = "hierarchical"
 GLOBAL = "global"
+# Sizes, and the ids and counts made of them, are int32 in the jitted core.
+MAX_SIZE = 2**31 - 1
 
 
 def check_size(value: object, name: str) -> int:
-  """Returns ``value`` as a positive Python int, or raises ``ValueError`` naming ``name``."""
+  """Returns ``value`` as a positive Python int at most :data:`MAX_SIZE`, or raises
+  ``ValueError`` naming ``name``."""
   if isinstance(value, bool):
     raise ValueError(f"{name} must be a static Python int, got bool")
   try:
@@ -31,6 +34,8 @@ def check_size(value: object, name: str) -> int:
     raise ValueError(f"{name} must be a static Python int, got {type(value).__name__}") from None
   if size <= 0:
     raise ValueError(f"{name} must be positive, got {size}")
+  if size > MAX_SIZE:
+    raise ValueError(f"{name} must be at most 2**31 - 1 (an int32 in the core), got {size}")
   return size
 
 
@@ -57,7 +62,7 @@ class Topology:
       (any iterable of ints; stored sorted, without repeats). Default: none.
 
   Raises:
-    ValueError: a size is not a positive int, ``num_replicas`` is not a
+    ValueError: a size is not a positive int below ``2**31``, ``num_replicas`` is not a
       multiple of ``num_gpus``, ``num_gpus`` not a multiple of ``num_nodes``,
       or ``failed_gpus`` holds an id outside ``[0, num_gpus)`` or every GPU.
   """

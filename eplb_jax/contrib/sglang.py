@@ -516,6 +516,13 @@ def _check_ep(phy2log: np.ndarray, ep_size: int, num_nodes: int) -> tuple[int, i
   return phy2log.shape[1] // ep_size, ep_size // num_nodes
 
 
+def _check_rank(ep_rank: int, ep_size: int) -> None:
+  if isinstance(ep_rank, bool) or not isinstance(ep_rank, int | np.integer):
+    raise ValueError(f"ep_rank must be an int, got {ep_rank!r}")
+  if not 0 <= ep_rank < ep_size:
+    raise ValueError(f"ep_rank must be in [0, {ep_size}), got {ep_rank}")
+
+
 def sglang_dispatch_map(
   phy2log: Any,
   num_logical_experts: int,
@@ -560,8 +567,7 @@ def sglang_dispatch_map(
   """
   phy2log = _check_phy2log(phy2log, "phy2log", num_logical_experts)
   slots_per_gpu, gpus_per_node = _check_ep(phy2log, ep_size, num_nodes)
-  if not 0 <= ep_rank < ep_size:
-    raise ValueError(f"ep_rank must be in [0, {ep_size}), got {ep_rank}")
+  _check_rank(ep_rank, ep_size)
   slots = _replica_slots(phy2log, num_logical_experts)
   if any(not replicas for layer in slots for replicas in layer):
     raise ValueError("phy2log must hold every logical expert in every layer")
@@ -622,8 +628,7 @@ def expert_location_metadata(
     )
   phy2log = _check_phy2log(phy2log, "phy2log", num_logical_experts)
   _check_ep(phy2log, ep_size, num_nodes)
-  if not 0 <= ep_rank < ep_size:
-    raise ValueError(f"ep_rank must be in [0, {ep_size}), got {ep_rank}")
+  _check_rank(ep_rank, ep_size)
   slots = _replica_slots(phy2log, num_logical_experts)
   count = np.array([[len(replicas) for replicas in layer] for layer in slots], np.int64)
   if np.any(count == 0):

@@ -101,9 +101,18 @@ def capacity(
   """
   if capacity_factor is None:
     return tokens_per_device
-  if not isinstance(capacity_factor, int | float) or not capacity_factor > 0:
-    raise ValueError(f"capacity_factor must be a positive number or None, got {capacity_factor!r}")
-  share = capacity_factor * tokens_per_device * top_k / num_replicas
+  if (
+    isinstance(capacity_factor, bool)
+    or not isinstance(capacity_factor, int | float)
+    or not 0 < capacity_factor < math.inf
+  ):
+    raise ValueError(
+      f"capacity_factor must be a finite positive number, or None (no drops), "
+      f"got {capacity_factor!r}"
+    )
+  # A factor of P or more gives every pair room (share >= tokens): clipped there, the share
+  # stays finite however large the factor.
+  share = min(capacity_factor, num_replicas) * tokens_per_device * top_k / num_replicas
   return min(math.ceil(share), tokens_per_device)
 
 
@@ -156,16 +165,27 @@ def _check_routing(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, num_gp
     )
 
 
-def _check_params(expert_params: PyTree, num_replicas: int | None) -> int:
-  """The common leading size of the leaves of ``expert_params`` (``num_replicas`` if given)."""
+def _check_log2phy(log2phy: jax.Array) -> tuple[int, int]:
+  """``(E, P)`` of one layer's ``log2phy [E, P - E + 1]``."""
+  if jnp.ndim(log2phy) != 2 or not jnp.shape(log2phy)[0]:
+    raise ValueError(
+      f"log2phy must be [E, P - E + 1] (one layer of a placement), got shape {jnp.shape(log2phy)}"
+    )
+  num_experts, width = jnp.shape(log2phy)
+  return num_experts, width + num_experts - 1
+
+
+def _check_params(expert_params: PyTree, size: int, what: str) -> int:
+  """Checks that the leaves of ``expert_params`` are stacked on a leading axis of ``size``
+  (``what`` says where ``size`` comes from); returns it."""
   leaves = jax.tree.leaves(expert_params)
   sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
-  if len(sizes) != 1 or None in sizes or (num_replicas is not None and sizes != {num_replicas}):
-    rule = f"[{num_replicas}, ...]" if num_replicas is not None else "stacked on one leading axis"
+  if sizes != {size}:
     raise ValueError(
-      f"expert_params leaves must be {rule}, got leading sizes {sorted(map(str, sizes))}"
+      f"expert_params leaves must be [{size}, ...] ({what}), got leading sizes "
+      f"{sorted(map(str, sizes))}"
     )
-  return sizes.pop()
+  return size
 
 
 def moe_layer(
@@ -208,15 +228,19 @@ def moe_layer(
     ``x``, and the :class:`DispatchStats` of the layer.
 
   Raises:
-    ValueError: shapes or dtypes that do not fit, a bad mesh axis, or a
-      non-positive ``capacity_factor``.
+    ValueError: shapes or dtypes that do not fit (``expert_params`` leaves
+      must have the placement's ``P = R + E - 1`` slots), a bad mesh axis, or
+      a ``capacity_factor`` that is not finite and positive.
   """
-  num_replicas = _check_params(expert_params, None)
+  # Parameters of another slot count would be routed by the wrong slot numbers.
+  _, num_replicas = _check_log2phy(log2phy)
+  _check_params(expert_params, num_replicas, "the placement's slots, log2phy.shape[-1] + E - 1")
   sharding.check_mesh_axis(mesh, expert_axis, num_replicas, name="expert_axis", what="slots")
   num_gpus = mesh.shape[expert_axis]
   _check_routing(x, gates, expert_ids, num_gpus)
   slots_per_gpu = num_replicas // num_gpus
   cap = capacity(x.shape[0] // num_gpus, gates.shape[1], num_replicas, capacity_factor)
+  cap = max(cap, 1)  # zero tokens: one buffer row of zeros keeps the exchange's shapes non-empty
 
   def local(x, gates, expert_ids, expert_params, log2phy, logcnt):
     route = _route(expert_ids, log2phy, logcnt, num_replicas, cap)
@@ -281,10 +305,9 @@ def moe_reference(
     ValueError: as :func:`moe_layer`.
   """
   num_gpus = checks.check_size(num_gpus, "num_gpus")
-  num_experts, width = jnp.shape(log2phy)
-  _check_params(expert_params, num_experts)
+  num_experts, num_replicas = _check_log2phy(log2phy)
+  _check_params(expert_params, num_experts, "the logical experts of log2phy")
   _check_routing(x, gates, expert_ids, num_gpus)
-  num_replicas = width + num_experts - 1
   if num_replicas % num_gpus:
     raise ValueError(
       f"the number of slots ({num_replicas}) must be divisible by num_gpus ({num_gpus})"

@@ -134,6 +134,9 @@ def test_sglang_dispatch_is_deterministic_and_seeded(placement):
     (dict(ep_size=GPUS, dispatch="random"), "dispatch"),
     (dict(ep_size=GPUS, ep_dispatch_algorithm="lp"), "ep_dispatch_algorithm"),
     (dict(ep_size=GPUS, ep_rank=GPUS, dispatch="eplb_jax"), "ep_rank"),
+    (dict(ep_size=GPUS, ep_rank=1.0), "ep_rank must be an int"),
+    (dict(ep_size=GPUS, ep_rank=1.0, dispatch="eplb_jax"), "ep_rank must be an int"),
+    (dict(ep_size=GPUS, ep_rank=None), "ep_rank must be an int"),
   ],
 )
 def test_bad_arguments(placement, kwargs, message):
@@ -148,3 +151,5 @@ def test_missing_expert_is_refused():
     sglang.expert_location_metadata(phy2log, E, ep_size=GPUS)
   with pytest.raises(ValueError, match="ep_rank"):
     sglang.sglang_dispatch_map(np.arange(P)[None] % E, E, GPUS, GPUS)
+  with pytest.raises(ValueError, match="ep_rank must be an int"):
+    sglang.sglang_dispatch_map(np.arange(P)[None] % E, E, GPUS, 1.0)
