@@ -6,6 +6,8 @@ The layer itself needs a mesh of 8 devices: those checks run in one subprocess
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -193,3 +195,30 @@ def test_bad_split_raises(split):
     moe.moe_layer(x, gates, ids, per_slot, moe_mlp, *maps, mesh=mesh, split=split)
   with pytest.raises(ValueError, match="split must be one of"):
     moe.moe_reference(x, gates, ids, logical, moe_mlp, *maps, num_gpus=8, split=split)
+
+
+@pytest.mark.parametrize("split", moe.SPLITS)
+def test_dispatch_stats_are_the_reference_stats(split):
+  logical, x, gates, ids, placement = moe_problem()
+  maps = (placement.log2phy, placement.logcnt)
+  kwargs = {"num_gpus": 8, "capacity_factor": 1.0, "split": split}
+  reference = functools.partial(moe.moe_reference, expert_fn=moe_mlp, **kwargs)
+  _, expected = jax.jit(reference)(x, gates, ids, logical, log2phy=maps[0], logcnt=maps[1])
+  stats = jax.jit(functools.partial(moe.dispatch_stats, **kwargs))(ids, *maps)
+  assert int(expected.dropped.sum()) > 0
+  chex.assert_trees_all_equal(stats, expected)
+
+
+def test_dispatch_stats_bad_arguments():
+  _, _, _, ids, placement = moe_problem()
+  maps = (placement.log2phy, placement.logcnt)
+  for args, kwargs, message in (
+    ((ids[:-1], *maps), {"num_gpus": 8}, "number of tokens"),
+    ((ids, *maps), {"num_gpus": 32}, "number of slots"),
+    ((ids.astype(jnp.float32), *maps), {"num_gpus": 8}, "expert_ids must be"),
+    ((ids, placement.log2phy[None], placement.logcnt), {"num_gpus": 8}, "log2phy must be"),
+    ((ids, *maps), {"num_gpus": 8, "split": "lp"}, "split must be"),
+    ((ids, *maps), {"num_gpus": 0}, "num_gpus"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      moe.dispatch_stats(*args, **kwargs)

@@ -171,6 +171,31 @@ def _route(slots: jax.Array, num_replicas: int, capacity: int) -> _Route:
   return _Route(slots, position, keep, routed, jnp.maximum(routed - capacity, 0))
 
 
+def _group_routes(
+  expert_ids: jax.Array,
+  log2phy: jax.Array,
+  logcnt: jax.Array,
+  num_gpus: int,
+  capacity: int,
+  split: str,
+) -> _Route:
+  """``[G, ...]`` routes of ``expert_ids [T, k]`` cut into ``G`` groups, each as its device
+  routes it in :func:`moe_layer` (with the balanced split, from every group's counts)."""
+  num_experts, width = log2phy.shape
+  num_replicas = width + num_experts - 1
+  tokens, top_k = expert_ids.shape
+  grouped = expert_ids.reshape(num_gpus, tokens // num_gpus, top_k)
+  if split == "even":
+    slots = jax.vmap(lambda ids: dispatch.physical_slots(log2phy, logcnt, ids))(grouped)
+  else:
+    counts = stats.expert_counts(grouped, num_experts)  # [G, E], as the devices gather them
+    quotas = _quotas(counts.sum(0), log2phy, num_replicas, num_gpus)
+    slots = jax.vmap(
+      lambda ids, device: dispatch.quota_slots(log2phy, quotas, ids, counts=counts, device=device)
+    )(grouped, jnp.arange(num_gpus))
+  return jax.vmap(lambda s: _route(s, num_replicas, capacity))(slots)
+
+
 def _combine(gates: jax.Array, keep: jax.Array, outputs: jax.Array) -> jax.Array:
   """``[t, d]``: the sum of ``gate * output`` over the kept choices, for ``outputs [t, k, d]``."""
   weight = jnp.where(keep, gates, 0).astype(outputs.dtype)
@@ -348,19 +373,51 @@ def moe_reference(
   split = _check_split(split)
   tokens, top_k = expert_ids.shape
   cap = capacity(tokens // num_gpus, top_k, num_replicas, capacity_factor)
-  grouped = expert_ids.reshape(num_gpus, tokens // num_gpus, top_k)
-  if split == "even":
-    slots = jax.vmap(lambda ids: dispatch.physical_slots(log2phy, logcnt, ids))(grouped)
-  else:
-    counts = stats.expert_counts(grouped, num_experts)  # [G, E], as the devices gather them
-    quotas = _quotas(counts.sum(0), log2phy, num_replicas, num_gpus)
-    slots = jax.vmap(
-      lambda ids, device: dispatch.quota_slots(log2phy, quotas, ids, counts=counts, device=device)
-    )(grouped, jnp.arange(num_gpus))
-  route = jax.vmap(lambda s: _route(s, num_replicas, cap))(slots)
+  route = _group_routes(expert_ids, log2phy, logcnt, num_gpus, cap, split)
   every = jax.vmap(expert_fn, in_axes=(0, None))(expert_params, x)  # [E, T, d_out]
   valid = (expert_ids >= 0) & (expert_ids < num_experts)
   expert = jnp.where(valid, expert_ids, 0)
   outputs = every[expert, jnp.arange(tokens)[:, None]]  # [T, k, d_out]
   keep = route.keep.reshape(tokens, top_k)
   return _combine(gates, keep, outputs), DispatchStats(route.routed, route.dropped)
+
+
+def dispatch_stats(
+  expert_ids: jax.Array,
+  log2phy: jax.Array,
+  logcnt: jax.Array,
+  *,
+  num_gpus: int,
+  capacity_factor: float | None = 1.25,
+  split: str = "even",
+) -> DispatchStats:
+  """What :func:`moe_layer` dispatches for the router's ``expert_ids``, without the experts.
+
+  The stats :func:`moe_layer` (and :func:`moe_reference`) return for these
+  router choices, from the routing alone: e.g. to compare the splits, or
+  capacity factors, on the same step.
+
+  Args:
+    expert_ids: ``[T, k]`` int logical experts of the router's choices.
+    log2phy, logcnt, num_gpus, capacity_factor, split: as in :func:`moe_reference`.
+
+  Returns:
+    The :class:`DispatchStats` of the layer, ``[G, P]`` each.
+
+  Raises:
+    ValueError: shapes or dtypes that do not fit, a bad size, capacity factor or split.
+  """
+  num_gpus = checks.check_size(num_gpus, "num_gpus")
+  if jnp.ndim(log2phy) != 2:
+    raise ValueError(f"log2phy must be [E, P - E + 1], got shape {jnp.shape(log2phy)}")
+  num_experts, width = jnp.shape(log2phy)
+  num_replicas = width + num_experts - 1
+  if jnp.ndim(expert_ids) != 2 or not jnp.issubdtype(jnp.result_type(expert_ids), jnp.integer):
+    raise ValueError(f"expert_ids must be an integer [T, k] array, got {jnp.shape(expert_ids)}")
+  tokens, top_k = jnp.shape(expert_ids)
+  for what, size in (("tokens", tokens), ("slots", num_replicas)):
+    if size % num_gpus:
+      raise ValueError(f"the number of {what} ({size}) must be divisible by num_gpus ({num_gpus})")
+  cap = capacity(tokens // num_gpus, top_k, num_replicas, capacity_factor)
+  route = _group_routes(expert_ids, log2phy, logcnt, num_gpus, cap, _check_split(split))
+  return DispatchStats(route.routed, route.dropped)
