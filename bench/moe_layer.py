@@ -6,8 +6,10 @@ and reports, per placement: the (token, choice) pairs each device receives
 (max / mean per step, against what the placement's balance on its window
 predicts), the fraction of pairs over capacity at capacity factors 1.0 and
 1.25 (both from the same routing), and the median step time; plus the time
-of the steps that rebalance. Runs: rebalancing every 50 steps at two router
-skews, and the same model never rebalanced.
+of the steps that rebalance; and the same figures for every split of each
+expert's pairs over its replicas (even, and balanced by the step's quotas)
+on the same router choices. Runs: rebalancing every 50 steps at two router
+skews with each split in service, and the same model never rebalanced.
 
 Run: ``python bench/moe_layer.py [--markdown bench/results/moe_layer.md]`` (about a minute
 on 2 CPU cores). Host devices share the CPU, so step times say little about an accelerator:
@@ -40,6 +42,8 @@ STEPS = 150
 def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> list[str]:
   rows = train_moe.periods(run, cfg.rebalance_every)
   lines = [f"### {name}", "", *train_moe.table(rows), ""]
+  lines += ["Every split on the same router choices:", ""]
+  lines += [*train_moe.split_table(rows, cfg.split), ""]
   rebalancing = run["seconds"][~np.isnan(run["before"])] if cfg.rebalance_every else []
   if len(rebalancing):
     lines.append(f"- steps that rebalance: median {1e3 * np.median(rebalancing):.1f} ms")
@@ -58,6 +62,13 @@ def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> li
     )
     worst = max(p.measured / p.predicted for p in rows[1:])
     lines.append(f"- after it: measured max/mean at most {worst:.3f}x the prediction")
+    for split, figures in train_moe.after_first_rebalance(run).items():
+      lines.append(
+        f"- after it, {split} split: per-step max/mean {figures['max/mean']:.3f}, dropped "
+        + ", ".join(
+          f"cf {f} {100 * figures[f'dropped cf {f}']:.2f}%" for f in train_moe.REPORTED_FACTORS
+        )
+      )
   return [*lines, ""]
 
 
@@ -69,15 +80,14 @@ def main() -> None:
   args = parser.parse_args()
   base = train_moe.Config(rebalance_every=args.rebalance_every)
   mesh = train_moe.make_mesh(base)
-  runs = {
-    f"router skew {base.router_skew}, rebalanced every {base.rebalance_every} steps": base,
-    f"router skew 1.0, rebalanced every {base.rebalance_every} steps": dataclasses.replace(
-      base, router_skew=1.0
-    ),
-    f"router skew {base.router_skew}, never rebalanced": dataclasses.replace(
-      base, rebalance_every=0
-    ),
-  }
+  runs = {}
+  for skew in (base.router_skew, 1.0):
+    for split in ("even", "balanced"):
+      name = f"router skew {skew}, rebalanced every {base.rebalance_every} steps, {split} split"
+      runs[name] = dataclasses.replace(base, router_skew=skew, split=split)
+  runs[f"router skew {base.router_skew}, never rebalanced, even split"] = dataclasses.replace(
+    base, rebalance_every=0
+  )
   lines = [
     "# Expert-parallel MoE layer on 8 host devices",
     "",
@@ -94,7 +104,11 @@ def main() -> None:
     "*measured* is max / mean of the pairs each device received per step, averaged over the "
     "steps, *summed* the same over the steps' total; drops are pairs over a slot's capacity "
     "from one device, as a fraction of all pairs, for both capacity factors from the same "
-    "routing; step ms is the median (the first step, which compiles, excluded).",
+    "routing; step ms is the median (the first step, which compiles, excluded; the step "
+    "includes its metrics, the other split's routing among them). The split in "
+    "service decides the run's routing; each run's second table gives every split's per-step "
+    "max / mean and drops on that run's router choices (the other split from "
+    "`moe.dispatch_stats`), so the splits compare on identical steps.",
     "",
   ]
   for name, cfg in runs.items():

@@ -6,6 +6,8 @@ The layer itself needs a mesh of 8 devices: those checks run in one subprocess
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from _sharded_checks import moe_mlp
 from _sharded_checks import moe_problem
 from _sharded_checks import run_checks
 
+import eplb_jax
 from eplb_jax.runtime import dispatch
 from eplb_jax.runtime import moe
 
@@ -162,3 +165,101 @@ def test_on_eight_devices(results, name):
   if result.startswith("skipped: "):
     pytest.skip(result.removeprefix("skipped: "))
   assert result == "ok", result
+
+
+def test_balanced_reference_routes_by_the_split():
+  # Groups of tokens as 8 devices hold them: together they give every slot its quota of the
+  # step's split, each group its interleaved share, and drops are per group and slot.
+  logical, x, gates, ids, placement = moe_problem()
+  capacity = moe.capacity(16, 2, 16, 1.0)
+  maps = (placement.log2phy, placement.logcnt)
+  reference = jax.jit(
+    lambda *a, **kw: moe.moe_reference(*a[:3], a[3], moe_mlp, *a[4:], num_gpus=8, **kw),
+    static_argnames=("capacity_factor", "split"),
+  )
+  y, stats = reference(x, gates, ids, logical, *maps, capacity_factor=1.0, split="balanced")
+  counts = np.bincount(np.asarray(ids).ravel(), minlength=8)
+  quotas = np.asarray(eplb_jax.split_tokens(counts[None], placement.phy2log[None], 8))[0]
+  np.testing.assert_array_equal(stats.routed.sum(0), quotas)
+  np.testing.assert_array_equal(stats.gpu_tokens(), quotas.reshape(8, 2).sum(-1))
+  groups = np.asarray(ids).reshape(8, 16, 2)
+  per_group = np.stack([np.bincount(g.ravel(), minlength=8) for g in groups])
+  slots = jax.vmap(
+    lambda i, d: dispatch.quota_slots(placement.log2phy, quotas, i, counts=per_group, device=d)
+  )(groups, jnp.arange(8))
+  routed = np.stack([np.bincount(s.ravel(), minlength=16) for s in np.asarray(slots)])
+  np.testing.assert_array_equal(stats.routed, routed)
+  np.testing.assert_array_equal(stats.dropped, np.maximum(routed - capacity, 0))
+  assert stats.dropped.sum() > 0
+  # The even split balances the GPUs less well on this step.
+  even_y, even = reference(x, gates, ids, logical, *maps, capacity_factor=None, split="even")
+  assert stats.gpu_tokens().max() < even.gpu_tokens().max(), (stats.gpu_tokens(), even)
+  # Dropless, the split changes no output.
+  dropless, _ = reference(x, gates, ids, logical, *maps, capacity_factor=None, split="balanced")
+  chex.assert_trees_all_close(dropless, even_y, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(y, even_y)
+
+
+def test_balanced_layer_on_one_device_equals_reference():
+  capacity_factor = 1.0
+  logical, x, gates, ids, placement = moe_problem()
+  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
+  maps = (placement.log2phy, placement.logcnt)
+  kwargs = {"capacity_factor": capacity_factor, "split": "balanced"}
+  y, stats = jax.jit(lambda *a: moe.moe_layer(*a[:3], a[3], moe_mlp, *a[4:], mesh=mesh, **kwargs))(
+    x, gates, ids, per_slot, *maps
+  )
+  ref, ref_stats = jax.jit(
+    lambda *a: moe.moe_reference(*a[:3], a[3], moe_mlp, *a[4:], num_gpus=1, **kwargs)
+  )(x, gates, ids, logical, *maps)
+  chex.assert_trees_all_equal(stats, ref_stats)
+  chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-6)
+  assert int(stats.dropped.sum()) > 0
+
+
+def test_even_split_is_the_default():
+  logical, x, gates, ids, placement = moe_problem()
+  maps = (placement.log2phy, placement.logcnt)
+  default = moe.moe_reference(x, gates, ids, logical, moe_mlp, *maps, num_gpus=8)
+  even = moe.moe_reference(x, gates, ids, logical, moe_mlp, *maps, num_gpus=8, split="even")
+  chex.assert_trees_all_equal(default, even)
+
+
+@pytest.mark.parametrize("split", ["lp", "Even", None, ("even",)])
+def test_bad_split_raises(split):
+  logical, x, gates, ids, placement = moe_problem()
+  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
+  maps = (placement.log2phy, placement.logcnt)
+  with pytest.raises(ValueError, match="split must be one of"):
+    moe.moe_layer(x, gates, ids, per_slot, moe_mlp, *maps, mesh=mesh, split=split)
+  with pytest.raises(ValueError, match="split must be one of"):
+    moe.moe_reference(x, gates, ids, logical, moe_mlp, *maps, num_gpus=8, split=split)
+
+
+@pytest.mark.parametrize("split", moe.SPLITS)
+def test_dispatch_stats_are_the_reference_stats(split):
+  logical, x, gates, ids, placement = moe_problem()
+  maps = (placement.log2phy, placement.logcnt)
+  kwargs = {"num_gpus": 8, "capacity_factor": 1.0, "split": split}
+  reference = functools.partial(moe.moe_reference, expert_fn=moe_mlp, **kwargs)
+  _, expected = jax.jit(reference)(x, gates, ids, logical, log2phy=maps[0], logcnt=maps[1])
+  stats = jax.jit(functools.partial(moe.dispatch_stats, **kwargs))(ids, *maps)
+  assert int(expected.dropped.sum()) > 0
+  chex.assert_trees_all_equal(stats, expected)
+
+
+def test_dispatch_stats_bad_arguments():
+  _, _, _, ids, placement = moe_problem()
+  maps = (placement.log2phy, placement.logcnt)
+  for args, kwargs, message in (
+    ((ids[:-1], *maps), {"num_gpus": 8}, "number of tokens"),
+    ((ids, *maps), {"num_gpus": 32}, "number of slots"),
+    ((ids.astype(jnp.float32), *maps), {"num_gpus": 8}, "expert_ids must be"),
+    ((ids, placement.log2phy[None], placement.logcnt), {"num_gpus": 8}, "log2phy must be"),
+    ((ids, *maps), {"num_gpus": 8, "split": "lp"}, "split must be"),
+    ((ids, *maps), {"num_gpus": 0}, "num_gpus"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      moe.dispatch_stats(*args, **kwargs)

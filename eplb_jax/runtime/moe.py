@@ -5,9 +5,20 @@ Tokens and physical slots are both split over one mesh axis, ``expert_axis``
 tokens and the ``P / G`` consecutive slots that :func:`eplb_jax.rebalance_experts`
 numbers GPU by GPU. :func:`moe_layer` runs, under :func:`jax.shard_map`:
 
-1. **Slots**: each (token, choice) goes to one replica of its expert,
-   :func:`eplb_jax.runtime.dispatch.physical_slots` on the device's own
-   tokens, which spreads an expert's tokens evenly over its replicas.
+1. **Slots**: each (token, choice) goes to one replica of its expert. With
+   ``split="even"``, :func:`eplb_jax.runtime.dispatch.physical_slots` on the
+   device's own tokens spreads its pairs of each expert evenly over the
+   expert's replicas. With ``split="balanced"``, the devices exchange their
+   ``[E]`` counts (one :func:`jax.lax.all_gather`), each computes the step's
+   quotas from the global counts (:func:`eplb_jax.split_tokens`' solver:
+   the split of each expert's pairs over its replicas with the lightest
+   heaviest GPU; every device computes the same bits) and
+   :func:`eplb_jax.runtime.dispatch.quota_slots` gives the device its share
+   of each replica's quota, the devices' pairs interleaved: every replica
+   receives exactly its quota, and each device spreads its pairs of an
+   expert over the replicas in proportion to their quotas (a contiguous
+   share per device would send a device's pairs of an expert to one or two
+   replicas, over the per-slot capacity).
 2. **Capacity**: each device sends each slot at most ``C`` pairs, the first
    ones in row-major (token, choice) order; the rest are dropped and
    contribute zero, so a token whose choices are all dropped leaves the
@@ -27,8 +38,9 @@ and at most ``tokens_per_device`` (a token sends each slot at most one pair,
 so that capacity never drops anything). A slot thus receives at most ``G *
 C``, about ``capacity_factor * T * top_k / P`` pairs per step.
 
-Every drop is decided on the sending device from its own tokens' slots, so
-:func:`moe_reference` reproduces them without communication; with the
+Every drop is decided on the sending device from its own tokens' slots (and,
+with the balanced split, every device's counts), so :func:`moe_reference`
+reproduces them without communication; with the
 logical expert parameters it computes what the expert-parallel layer
 computes, which is the check that placement, dispatch and capacity leave the
 model's math unchanged.
@@ -48,10 +60,15 @@ from jax.sharding import PartitionSpec as P
 from eplb_jax._src import checks
 from eplb_jax._src import ops
 from eplb_jax._src import sharding
+from eplb_jax._src import split as split_lib
 from eplb_jax.runtime import dispatch
+from eplb_jax.runtime import stats
 
 PyTree = object
 ExpertFn = Callable[[PyTree, jax.Array], jax.Array]
+
+# How each expert's (token, choice) pairs are split over its replicas (see the module's step 1).
+SPLITS = ("even", "balanced")
 
 
 class DispatchStats(NamedTuple):
@@ -67,7 +84,10 @@ class DispatchStats(NamedTuple):
   dropped: jax.Array
 
   def gpu_tokens(self) -> jax.Array:
-    """``[..., G]`` int32: the pairs routed to each GPU's slots, before capacity."""
+    """``[..., G]`` int32: the pairs routed to each GPU's slots, before capacity.
+
+    With the balanced split, the GPU loads of the step's quotas.
+    """
     num_gpus, num_replicas = self.routed.shape[-2:]
     per_slot = self.routed.sum(-2)
     return per_slot.reshape(*per_slot.shape[:-1], num_gpus, num_replicas // num_gpus).sum(-1)
@@ -126,20 +146,63 @@ class _Route(NamedTuple):
   dropped: jax.Array  # [P] int32 pairs over the capacity
 
 
-def _route(
-  expert_ids: jax.Array,
-  log2phy: jax.Array,
-  logcnt: jax.Array,
-  num_replicas: int,
-  capacity: int,
-) -> _Route:
-  """Slots and capacity for one device's ``[t, k]`` router ids, from its own tokens only."""
-  slots = dispatch.physical_slots(log2phy, logcnt, expert_ids)
+def _check_split(split: object) -> str:
+  if not isinstance(split, str) or split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  return split
+
+
+def _phy2log(log2phy: jax.Array, num_replicas: int) -> jax.Array:
+  """``[P]`` int32 expert of each slot (-1 for a slot ``log2phy`` does not list)."""
+  experts = jnp.broadcast_to(jnp.arange(log2phy.shape[0], dtype=jnp.int32)[:, None], log2phy.shape)
+  slots = jnp.where(log2phy >= 0, log2phy, num_replicas)  # num_replicas: not a slot
+  return jnp.full(num_replicas, -1, jnp.int32).at[slots].set(experts, mode="drop")
+
+
+def _quotas(counts: jax.Array, log2phy: jax.Array, num_replicas: int, num_gpus: int) -> jax.Array:
+  """``[P]`` int32 quotas of the step's global ``counts [E]`` (the balanced split)."""
+  quotas, _ = split_lib._split_layer(
+    counts,
+    _phy2log(log2phy, num_replicas),
+    num_gpus,
+    split_lib.DEFAULT_TOLERANCE,
+    split_lib.DEFAULT_MAX_STEPS,
+  )
+  return quotas
+
+
+def _route(slots: jax.Array, num_replicas: int, capacity: int) -> _Route:
+  """Capacity for one device's ``[t, k]`` slots (-1: none), from its own pairs only."""
   key = jnp.where(slots >= 0, slots, num_replicas).reshape(-1)  # num_replicas: no slot
   position = ops.occurrence_rank(key).reshape(slots.shape)
   routed = jnp.zeros(num_replicas, jnp.int32).at[key].add(1, mode="drop")
   keep = (slots >= 0) & (position < capacity)
   return _Route(slots, position, keep, routed, jnp.maximum(routed - capacity, 0))
+
+
+def _group_routes(
+  expert_ids: jax.Array,
+  log2phy: jax.Array,
+  logcnt: jax.Array,
+  num_gpus: int,
+  capacity: int,
+  split: str,
+) -> _Route:
+  """``[G, ...]`` routes of ``expert_ids [T, k]`` cut into ``G`` groups, each as its device
+  routes it in :func:`moe_layer` (with the balanced split, from every group's counts)."""
+  num_experts, width = log2phy.shape
+  num_replicas = width + num_experts - 1
+  tokens, top_k = expert_ids.shape
+  grouped = expert_ids.reshape(num_gpus, tokens // num_gpus, top_k)
+  if split == "even":
+    slots = jax.vmap(lambda ids: dispatch.physical_slots(log2phy, logcnt, ids))(grouped)
+  else:
+    counts = stats.expert_counts(grouped, num_experts)  # [G, E], as the devices gather them
+    quotas = _quotas(counts.sum(0), log2phy, num_replicas, num_gpus)
+    slots = jax.vmap(
+      lambda ids, device: dispatch.quota_slots(log2phy, quotas, ids, counts=counts, device=device)
+    )(grouped, jnp.arange(num_gpus))
+  return jax.vmap(lambda s: _route(s, num_replicas, capacity))(slots)
 
 
 def _combine(gates: jax.Array, keep: jax.Array, outputs: jax.Array) -> jax.Array:
@@ -200,6 +263,7 @@ def moe_layer(
   mesh: Mesh,
   expert_axis: str = "expert",
   capacity_factor: float | None = 1.25,
+  split: str = "even",
 ) -> tuple[jax.Array, DispatchStats]:
   """Expert-parallel MoE: all-to-all dispatch to the devices holding each token's slots.
 
@@ -221,6 +285,10 @@ def moe_layer(
       and ``T`` must be divisible by its size ``G``.
     capacity_factor: the per-slot capacity (see :func:`capacity`; static);
       None drops nothing.
+    split: how each expert's pairs are split over its replicas (static):
+      ``"even"`` (each device spreads its own pairs evenly) or
+      ``"balanced"`` (by the step's quotas of the lightest heaviest GPU,
+      from every device's counts); any other value raises ``ValueError``.
 
   Returns:
     ``(y [T, d_out], stats)``: the gate-weighted sum of each token's kept
@@ -238,12 +306,23 @@ def moe_layer(
   sharding.check_mesh_axis(mesh, expert_axis, num_replicas, name="expert_axis", what="slots")
   num_gpus = mesh.shape[expert_axis]
   _check_routing(x, gates, expert_ids, num_gpus)
+  balanced = _check_split(split) == "balanced"
   slots_per_gpu = num_replicas // num_gpus
   cap = capacity(x.shape[0] // num_gpus, gates.shape[1], num_replicas, capacity_factor)
   cap = max(cap, 1)  # zero tokens: one buffer row of zeros keeps the exchange's shapes non-empty
 
   def local(x, gates, expert_ids, expert_params, log2phy, logcnt):
-    route = _route(expert_ids, log2phy, logcnt, num_replicas, cap)
+    if not balanced:
+      slots = dispatch.physical_slots(log2phy, logcnt, expert_ids)
+    else:
+      # Every device's [E] counts, the same on every device (invariant over the
+      # axis, as the split's loop carry needs).
+      local_counts = stats.expert_counts(expert_ids, log2phy.shape[0])
+      counts = jax.lax.all_gather(local_counts, expert_axis, to="invarying")
+      quotas = _quotas(counts.sum(0), log2phy, num_replicas, num_gpus)
+      device = jax.lax.axis_index(expert_axis)
+      slots = dispatch.quota_slots(log2phy, quotas, expert_ids, counts=counts, device=device)
+    route = _route(slots, num_replicas, cap)
     tokens, top_k = expert_ids.shape
     target = jnp.where(route.keep, route.slots, num_replicas)  # out of bounds: not sent
     rows = jnp.broadcast_to(x[:, None, :], (tokens, top_k, x.shape[-1]))
@@ -279,6 +358,7 @@ def moe_reference(
   *,
   num_gpus: int,
   capacity_factor: float | None = 1.25,
+  split: str = "even",
 ) -> tuple[jax.Array, DispatchStats]:
   """The logical model of :func:`moe_layer`: the same routing and drops, no communication.
 
@@ -286,11 +366,12 @@ def moe_reference(
   expert to every token, then keeps the (token, choice) pairs that
   :func:`moe_layer` keeps: the tokens are cut into ``num_gpus`` consecutive
   groups, as the mesh splits them, and each group's slots and capacity are
-  computed as its device computes them. With ``capacity_factor=None`` it is
-  the plain logical MoE (the placement then only shapes the stats).
+  computed as its device computes them (with the balanced split, from the
+  groups' counts as the devices exchange them). With ``capacity_factor=None``
+  it is the plain logical MoE (the placement then only shapes the stats).
 
   Args:
-    x, gates, expert_ids, expert_fn, logcnt, capacity_factor: as in
+    x, gates, expert_ids, expert_fn, logcnt, capacity_factor, split: as in
       :func:`moe_layer`.
     expert_params: pytree of logical leaves ``[E, ...]``.
     log2phy: ``[E, P - E + 1]`` as :func:`eplb_jax.rebalance_experts`
@@ -312,13 +393,54 @@ def moe_reference(
     raise ValueError(
       f"the number of slots ({num_replicas}) must be divisible by num_gpus ({num_gpus})"
     )
+  split = _check_split(split)
   tokens, top_k = expert_ids.shape
   cap = capacity(tokens // num_gpus, top_k, num_replicas, capacity_factor)
-  grouped = expert_ids.reshape(num_gpus, tokens // num_gpus, top_k)
-  route = jax.vmap(lambda ids: _route(ids, log2phy, logcnt, num_replicas, cap))(grouped)
+  route = _group_routes(expert_ids, log2phy, logcnt, num_gpus, cap, split)
   every = jax.vmap(expert_fn, in_axes=(0, None))(expert_params, x)  # [E, T, d_out]
   valid = (expert_ids >= 0) & (expert_ids < num_experts)
   expert = jnp.where(valid, expert_ids, 0)
   outputs = every[expert, jnp.arange(tokens)[:, None]]  # [T, k, d_out]
   keep = route.keep.reshape(tokens, top_k)
   return _combine(gates, keep, outputs), DispatchStats(route.routed, route.dropped)
+
+
+def dispatch_stats(
+  expert_ids: jax.Array,
+  log2phy: jax.Array,
+  logcnt: jax.Array,
+  *,
+  num_gpus: int,
+  capacity_factor: float | None = 1.25,
+  split: str = "even",
+) -> DispatchStats:
+  """What :func:`moe_layer` dispatches for the router's ``expert_ids``, without the experts.
+
+  The stats :func:`moe_layer` (and :func:`moe_reference`) return for these
+  router choices, from the routing alone: e.g. to compare the splits, or
+  capacity factors, on the same step.
+
+  Args:
+    expert_ids: ``[T, k]`` int logical experts of the router's choices.
+    log2phy, logcnt, num_gpus, capacity_factor, split: as in :func:`moe_reference`.
+
+  Returns:
+    The :class:`DispatchStats` of the layer, ``[G, P]`` each.
+
+  Raises:
+    ValueError: shapes or dtypes that do not fit, a bad size, capacity factor or split.
+  """
+  num_gpus = checks.check_size(num_gpus, "num_gpus")
+  if jnp.ndim(log2phy) != 2:
+    raise ValueError(f"log2phy must be [E, P - E + 1], got shape {jnp.shape(log2phy)}")
+  num_experts, width = jnp.shape(log2phy)
+  num_replicas = width + num_experts - 1
+  if jnp.ndim(expert_ids) != 2 or not jnp.issubdtype(jnp.result_type(expert_ids), jnp.integer):
+    raise ValueError(f"expert_ids must be an integer [T, k] array, got {jnp.shape(expert_ids)}")
+  tokens, top_k = jnp.shape(expert_ids)
+  for what, size in (("tokens", tokens), ("slots", num_replicas)):
+    if size % num_gpus:
+      raise ValueError(f"the number of {what} ({size}) must be divisible by num_gpus ({num_gpus})")
+  cap = capacity(tokens // num_gpus, top_k, num_replicas, capacity_factor)
+  route = _group_routes(expert_ids, log2phy, logcnt, num_gpus, cap, _check_split(split))
+  return DispatchStats(route.routed, route.dropped)
