@@ -167,6 +167,7 @@ def test_on_eight_devices(results, name):
   assert result == "ok", result
 
 
+@pytest.mark.heavy  # about 12 s of compiles; the one-device layer check stays in the default run
 def test_balanced_reference_routes_by_the_split():
   # Groups of tokens as 8 devices hold them: together they give every slot its quota of the
   # step's split, each group its interleaved share, and drops are per group and slot.
