@@ -29,6 +29,7 @@ from eplb_jax._src.modes import Refined
 from eplb_jax._src.placement import Placement
 from eplb_jax._src.split import split_probabilities
 from eplb_jax._src.split import split_tokens
+from eplb_jax._src.steps import rebalance_for_steps
 from eplb_jax._src.topology import Topology
 
 __version__ = "0.2.0"
@@ -50,6 +51,7 @@ __all__ = [
   "rebalance",
   "rebalance_experts",
   "rebalance_experts_hierarchical",
+  "rebalance_for_steps",
   "rebalance_with_previous",
   "replicate_experts",
   "runtime",

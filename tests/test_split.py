@@ -215,3 +215,46 @@ class SplitProbabilitiesTest(chex.TestCase):
 def test_bad_arguments(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+class RebalanceForStepsTest(chex.TestCase):
+  def test_each_layer_is_the_candidate_with_the_lightest_steps(self):
+    topology = eplb_jax.Topology(16, 1, 1, 4)
+    rng = np.random.default_rng(5)
+    probs = rng.lognormal(0.0, 1.5, (3, 8))
+    counts = np.stack(
+      [np.stack([rng.multinomial(256, p / p.sum()) for p in probs]) for _ in range(4)]
+    ).astype(np.int32)
+    chosen = eplb_jax.rebalance_for_steps(counts, topology)
+    candidates = [eplb_jax.rebalance(counts, topology, mode=m) for m in ("gpu_aware", "greedy")]
+
+    def heaviest(placement):  # [L]: mean over the steps of the split's heaviest GPU
+      quotas = np.asarray(eplb_jax.split_tokens(counts, placement, topology))
+      return quotas.reshape(4, 3, 4, 4).sum(-1).max(-1).mean(0)
+
+    costs = np.stack([heaviest(c) for c in candidates])
+    np.testing.assert_array_equal(heaviest(chosen), costs.min(0))
+    for layer, best in enumerate(costs.argmin(0)):
+      chex.assert_trees_all_equal(
+        jax.tree.map(lambda a, layer=layer: a[layer], chosen),
+        jax.tree.map(lambda a, layer=layer, best=best: a[layer], candidates[best]),
+      )
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(counts=np.ones((2, 8), int)), "steps, layers, experts"),
+    (dict(counts=np.ones((1, 2, 8))), "integer"),
+    (dict(modes=()), "modes"),
+    (dict(modes="greedy"), "modes"),
+    (dict(modes=("fastest",)), "mode"),
+    (dict(topology=(16, 1, 1, 4)), "topology"),
+  ],
+)
+def test_rebalance_for_steps_bad_arguments(kwargs, match):
+  arguments = dict(counts=np.ones((1, 2, 8), int), topology=eplb_jax.Topology(16, 1, 1, 4))
+  arguments.update(kwargs)
+  counts, topology = arguments.pop("counts"), arguments.pop("topology")
+  with pytest.raises(ValueError, match=match):
+    eplb_jax.rebalance_for_steps(counts, topology, **arguments)

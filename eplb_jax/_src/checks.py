@@ -24,11 +24,13 @@ import numpy as np
 from eplb_jax._src.topology import check_size
 
 __all__ = [
+  "check_counts",
   "check_ids",
   "check_num_gpus",
   "check_scalar",
   "check_served",
   "check_size",
+  "check_solver",
   "check_weight",
   "check_weight_values",
   "is_concrete",
@@ -248,3 +250,29 @@ def sum_window(weight: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
   if weight.ndim == 2:
     return weight
   return layer_steps(weight).sum(axis=1)
+
+
+def check_solver(tolerance: object, max_steps: object) -> tuple[float, int]:
+  """Static check of an iterative solver's settings: a tolerance >= 0 and a positive step cap."""
+  if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
+    raise ValueError(f"tolerance must be a non-negative Python float, got {tolerance!r}")
+  return float(tolerance), check_size(max_steps, "max_steps")
+
+
+def check_counts(counts: jax.typing.ArrayLike) -> jax.Array:
+  """Static check of a step's (or a window's) token counts; eagerly also their values."""
+  counts = check_ids(counts, "counts")
+  if counts.ndim not in (2, 3):
+    raise ValueError(
+      f"counts must be [layers, experts] or a window [steps, layers, experts], got shape "
+      f"{counts.shape}"
+    )
+  if not counts.shape[-1]:
+    raise ValueError(f"counts must have at least one expert, got shape {counts.shape}")
+  if is_concrete(counts):
+    host = jax.device_get(counts)
+    if (host < 0).any():
+      raise ValueError("counts must be non-negative")
+    if (host.astype("int64").sum(-1) >= 2**31).any():
+      raise ValueError("counts of one layer must add up to less than 2**31")
+  return jnp.asarray(counts).astype(jnp.int32)

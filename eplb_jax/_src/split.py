@@ -289,31 +289,6 @@ def _split_layer(
   return jnp.zeros(num_slots, jnp.int32).at[pairs.order].set(quotas), final.bound
 
 
-def _check_solver(tolerance: object, max_steps: object) -> tuple[float, int]:
-  if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
-    raise ValueError(f"tolerance must be a non-negative Python float, got {tolerance!r}")
-  return float(tolerance), checks.check_size(max_steps, "max_steps")
-
-
-def _check_counts(counts: jax.typing.ArrayLike) -> jax.Array:
-  """Static check of a step's (or a window's) token counts; eagerly also their values."""
-  counts = checks.check_ids(counts, "counts")
-  if counts.ndim not in (2, 3):
-    raise ValueError(
-      f"counts must be [layers, experts] or a window [steps, layers, experts], got shape "
-      f"{counts.shape}"
-    )
-  if not counts.shape[-1]:
-    raise ValueError(f"counts must have at least one expert, got shape {counts.shape}")
-  if checks.is_concrete(counts):
-    host = jax.device_get(counts)
-    if (host < 0).any():
-      raise ValueError("counts must be non-negative")
-    if (host.astype("int64").sum(-1) >= 2**31).any():
-      raise ValueError("counts of one layer must add up to less than 2**31")
-  return jnp.asarray(counts).astype(jnp.int32)
-
-
 def _check_placement(
   placement: Placement | jax.typing.ArrayLike, num_gpus: int | Topology, counts: jax.Array
 ) -> tuple[jax.Array, int]:
@@ -401,8 +376,8 @@ def split_tokens(
     ValueError: shapes or dtypes that do not fit, a bad size or solver
       setting; eagerly, negative counts or bad placement entries.
   """
-  tolerance, max_steps = _check_solver(tolerance, max_steps)
-  counts = _check_counts(counts)
+  tolerance, max_steps = checks.check_solver(tolerance, max_steps)
+  counts = checks.check_counts(counts)
   phy2log, num_gpus = _check_placement(placement, num_gpus, counts)
   if not counts.shape[-2]:
     return jnp.zeros((*counts.shape[:-1], phy2log.shape[1]), jnp.int32)
@@ -430,7 +405,7 @@ def split_probabilities(
     float32 ``[L, E, R]`` (``[N, L, E, R]`` for a window), each listed
     expert's row summing to 1.
   """
-  counts_checked = _check_counts(counts)
+  counts_checked = checks.check_counts(counts)
   if not isinstance(placement, Placement):
     phy2log, _ = _check_placement(placement, num_gpus, counts_checked)
     placement = placement_lib.from_phy2log(phy2log, counts_checked.shape[-1])
