@@ -28,6 +28,10 @@ layers. Placements x splits:
   count and every GPU's sum at most ``T``; the layers of a step are solved as
   one LP minimising the sum of their ``T`` (separable, so each layer's ``T``
   is its own optimum);
+* ``steps``: ``eplb_jax.rebalance_for_steps`` on the same ``--history``
+  steps of window ``t`` as ``deepseek_vec`` (per layer, the default or
+  greedy placement of their sum, whichever serves them better with the
+  split), served with ``split``;
 * ``oracle``: the default placement made from each step's own counts,
   served with ``split``.
 
@@ -107,6 +111,7 @@ METHODS = (
   ("deepseek_vec", "even"),
   ("deepseek_vec", "split"),
   ("deepseek_vec", "lp"),
+  ("steps", "split"),
   ("oracle", "split"),
 )
 # Placements whose steps the LP solves: split_tokens is checked against it on them.
@@ -115,6 +120,7 @@ COLOR = {
   "greedy": "tab:blue",
   "default": "tab:red",
   "deepseek_vec": "tab:gray",
+  "steps": "tab:purple",
   "oracle": "tab:green",
 }
 STYLE = {"even": ":", "split": "-", "lp": "--"}
@@ -357,11 +363,16 @@ def per_step(args) -> list[dict]:
           if size not in vec:
             rng = np.random.default_rng([args.seed, s, f, z, 0])
             history = source.steps(0, args.history, size, shape.num_gpus, rng)
-            vec[size] = deepseek_vec(history, shape)
+            vec[size] = {
+              "deepseek_vec": deepseek_vec(history, shape),
+              "steps": np.asarray(
+                eplb_jax.rebalance_for_steps(history.astype(np.int32), shape.topology).phy2log
+              ),
+            }
           rng = np.random.default_rng([args.seed, s, f, z, 1, d])
           counts = source.steps(1, args.steps, size, shape.num_gpus, rng)
           start = time.perf_counter()
-          bal, check = evaluate(shape, counts, {**placed, "deepseek_vec": vec[size]})
+          bal, check = evaluate(shape, counts, {**placed, **vec[size]})
           row = dict(
             shape=shape_name,
             policy=shape.policy,
