@@ -197,9 +197,9 @@ class QuotaSlotsTest(chex.TestCase):
     counts = np.stack([np.bincount(g[(g >= 0) & (g < QUOTA_EXPERTS)], minlength=6) for g in ids])
     quotas = np.asarray(eplb_jax.split_tokens(counts.sum(0)[None], phy2log[None], QUOTA_GPUS))[0]
     offsets = np.cumsum(counts, 0) - counts
-    contiguous = [
-      dispatch.quota_slots(log2phy, quotas, i, offsets=o) for i, o in zip(ids, offsets, strict=True)
-    ]
+    contiguous = jax.vmap(lambda i, o: dispatch.quota_slots(log2phy, quotas, i, offsets=o))(
+      ids, offsets
+    )
     interleaved = jax.vmap(
       lambda i, d: dispatch.quota_slots(log2phy, quotas, i, counts=counts, device=d)
     )(ids, jnp.arange(QUOTA_GPUS))
