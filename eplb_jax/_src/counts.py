@@ -28,6 +28,9 @@ from eplb_jax._src import replication
 from eplb_jax._src import swap
 from eplb_jax._src.modes import GpuAware
 
+# Rows of each layer (nodes) whose greedy packing the single-head swaps refine.
+GREEDY_ROWS_PER_LAYER = 2
+
 
 def sweep(num_spare: int) -> tuple[int, ...]:
   """The candidates ``j`` of a domain with ``num_spare`` spare slots.
@@ -114,23 +117,6 @@ def _replicas(weight: jax.Array, counts: jax.Array, extra: jax.Array):
   return expert, (weight / counts)[expert]
 
 
-def _single_head(
-  weight: jax.Array, slots: jax.Array, heaviest: jax.Array, rows_per_layer: int, steps: int
-):
-  """Single-head swap refinement (the heaviest GPU's best exchange with any other GPU).
-
-  Refines the two rows of each layer with the heaviest GPU (all rows when a
-  layer has at most two).
-  """
-  num_packs = slots.shape[1]
-  refine = functools.partial(swap.refine_slots, max_steps=steps, packs_per_group=num_packs)
-  refine = jax.vmap(refine)
-  if rows_per_layer <= 2:
-    return refine(weight, slots)
-  chosen = packing.rows_to_refine(heaviest, rows_per_layer, 2)
-  return slots.at[chosen].set(refine(weight[chosen], slots[chosen]))
-
-
 class _Candidates(NamedTuple):
   """The count candidates of domain rows, ``[X, J, ...]``, and their differencing packings.
 
@@ -166,14 +152,16 @@ def domain_rows(
   weight: jax.Array,
   num_slots: int,
   num_gpus: int,
-  rows_per_layer: int,
+  domains_per_layer: int,
   mode: GpuAware,
 ) -> Domains:
   """GPU-aware counts and packing of the domains ``weight [X, n]`` onto ``num_gpus`` GPUs each.
 
-  Runs of ``rows_per_layer`` consecutive rows share a layer (for the
+  Runs of ``domains_per_layer`` consecutive rows share a layer (for the
   refinement's choice of rows). Up to ``mode.greedy_steps`` single-head swap
-  steps refine greedy's packing of the water-filling counts.
+  steps (the heaviest GPU's best exchange with any other GPU) refine greedy's
+  packing of the water-filling counts, in the :data:`GREEDY_ROWS_PER_LAYER`
+  rows of each layer with the heaviest GPU.
   """
   rows = weight.shape[0]
   candidates = _candidates(weight, num_slots, num_gpus)
@@ -194,7 +182,7 @@ def domain_rows(
   chosen = Domains(*(x[at, best] for x in candidates))
   if num_slots > 2 * num_gpus:
     slots = packing.refine_rows(
-      chosen.load, chosen.slots, chosen.heaviest, rows_per_layer, mode.refined
+      chosen.load, chosen.slots, chosen.heaviest, domains_per_layer, mode.refined
     )
     chosen = chosen._replace(slots=slots, heaviest=packing.heaviest_pack(chosen.load, slots))
 
@@ -202,7 +190,9 @@ def domain_rows(
   slots = jax.vmap(functools.partial(packing.greedy_slots, num_packs=num_gpus))(water.load)
   if mode.greedy_steps and num_slots > 2 * num_gpus:
     heaviest = packing.heaviest_pack(water.load, slots)
-    slots = _single_head(water.load, slots, heaviest, rows_per_layer, mode.greedy_steps)
+    refined_rows = swap.heaviest_rows(heaviest, domains_per_layer, GREEDY_ROWS_PER_LAYER)
+    # One group of all the GPUs: a single head, the heaviest GPU.
+    slots = swap.refine_rows(water.load, slots, mode.greedy_steps, num_gpus, refined_rows)
   greedy = water._replace(slots=slots, heaviest=packing.heaviest_pack(water.load, slots))
   use_greedy = greedy.heaviest < chosen.heaviest
   return jax.tree.map(

@@ -109,50 +109,28 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> tuple[jax.Array, ja
   return slots, loads[owner[0]]
 
 
-def rows_to_refine(heaviest: jax.Array, rows_per_layer: int, refined_per_layer: int) -> jax.Array:
-  """Which rows the refinement takes, given the heaviest pack load of each row ``[X]``.
-
-  Runs of ``rows_per_layer`` rows share a layer; of each run, the
-  ``refined_per_layer`` rows with the heaviest packs. Returns int32 row
-  indices, layer by layer.
-  """
-  rows = heaviest.shape[0]
-  order = ops.argsort_descending(heaviest.reshape(-1, rows_per_layer), exact=False)
-  first_row = jnp.arange(0, rows, rows_per_layer, dtype=jnp.int32)[:, None]
-  return (order[:, :refined_per_layer] + first_row).reshape(-1)
-
-
-def _refine_rows(weight: jax.Array, slots: jax.Array, max_steps: int, mode: Refined) -> jax.Array:
-  refine = functools.partial(
-    swap.refine_slots, max_steps=max_steps, packs_per_group=mode.packs_per_group
-  )
-  return jax.vmap(refine)(weight, slots)
-
-
 def refine_rows(
-  weight: jax.Array, slots: jax.Array, heaviest: jax.Array, rows_per_layer: int, mode: Refined
+  weight: jax.Array, slots: jax.Array, heaviest: jax.Array, domains_per_layer: int, mode: Refined
 ) -> jax.Array:
   """Swap refinement of the packings ``slots [X, m, g]`` of ``weight [X, n]``.
 
   ``heaviest [X]`` is each row's heaviest pack load. Of each layer's
-  ``rows_per_layer`` rows, the ``mode.rows_per_layer`` with the heaviest
+  ``domains_per_layer`` rows, the ``mode.rows_per_layer`` with the heaviest
   packs take ``mode.first_round_steps`` steps; then the one of them with the
   heaviest pack takes the rest of ``mode.max_steps``: a layer's heaviest pack
   sets its balance.
   """
-  if rows_per_layer <= mode.rows_per_layer:
-    return _refine_rows(weight, slots, mode.max_steps, mode)
-  chosen = rows_to_refine(heaviest, rows_per_layer, mode.rows_per_layer)
-  chosen_weight = weight[chosen]
-  refined = _refine_rows(chosen_weight, slots[chosen], mode.first_round_steps, mode)
+  rows = swap.heaviest_rows(heaviest, domains_per_layer, mode.rows_per_layer)
+  if rows is None:
+    return swap.refine_rows(weight, slots, mode.max_steps, mode.packs_per_group)
+  slots = swap.refine_rows(weight, slots, mode.first_round_steps, mode.packs_per_group, rows)
   steps = mode.max_steps - mode.first_round_steps
   if steps == 0:
-    return slots.at[chosen].set(refined)
+    return slots
   # Of each layer's refined rows, the one with the heaviest pack continues.
-  per_layer = heaviest_pack(chosen_weight, refined).reshape(-1, mode.rows_per_layer)
-  again = ops.argmax_first(per_layer) + jnp.arange(0, chosen.shape[0], mode.rows_per_layer)
-  refined = refined.at[again].set(_refine_rows(chosen_weight[again], refined[again], steps, mode))
-  return slots.at[chosen].set(refined)
+  per_layer = heaviest_pack(weight[rows], slots[rows]).reshape(-1, mode.rows_per_layer)
+  again = rows[ops.argmax_first(per_layer) + jnp.arange(0, rows.shape[0], mode.rows_per_layer)]
+  return swap.refine_rows(weight, slots, steps, mode.packs_per_group, again)
 
 
 def heaviest_pack(weight: jax.Array, slots: jax.Array) -> jax.Array:
@@ -160,23 +138,23 @@ def heaviest_pack(weight: jax.Array, slots: jax.Array) -> jax.Array:
   return jax.vmap(lambda w, s: ops.sum_last(w[s]).max())(weight, slots)
 
 
-def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int, mode: Refined):
+def _refined_rows(weight: jax.Array, num_packs: int, domains_per_layer: int, mode: Refined):
   """Differencing plus swap refinement (:func:`refine_rows`) of ``weight [X, n]``: ``[X, m, g]``."""
   slots, start_loads = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
   if weight.shape[1] <= 2 * num_packs:
     # Two items per pack: differencing pairs the i-th heaviest item with the
     # i-th lightest, which minimises the heaviest pack; nothing to refine.
     return slots
-  return refine_rows(weight, slots, start_loads.max(axis=1), rows_per_layer, mode)
+  return refine_rows(weight, slots, start_loads.max(axis=1), domains_per_layer, mode)
 
 
 def pack_slots(
-  problem: PackingProblem, num_packs: int, mode: Mode, rows_per_layer: int = 1
+  problem: PackingProblem, num_packs: int, mode: Mode, domains_per_layer: int = 1
 ) -> jax.Array:
   """Packs each row of ``problem`` (``[X, n]``) into ``num_packs`` packs: ``slots [X, m, g]``.
 
-  Runs of ``rows_per_layer`` consecutive rows share a layer (see
-  :func:`_refined_rows`).
+  Runs of ``domains_per_layer`` consecutive rows share a layer (see
+  :func:`refine_rows`).
   """
   weight = problem.weight
   rows, n = weight.shape
@@ -188,4 +166,4 @@ def pack_slots(
     return jax.vmap(functools.partial(greedy_slots, num_packs=num_packs))(weight)
   if isinstance(mode, GpuAware):  # no counts to choose here: its packing is the refined one
     mode = mode.refined
-  return _refined_rows(weight, num_packs, rows_per_layer, mode)
+  return _refined_rows(weight, num_packs, domains_per_layer, mode)

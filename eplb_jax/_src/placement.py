@@ -12,7 +12,6 @@ use ``L`` layers, ``E`` logical experts, ``P`` physical slots.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -120,11 +119,10 @@ def _group_candidates(weight: jax.Array, topology: Topology, mode: GpuAware) -> 
   num_layers, num_logical = weight.shape
   group_size = num_logical // topology.num_groups
   group_load = ops.sum_last(weight.reshape(num_layers, topology.num_groups, group_size))
-  refine = functools.partial(
-    swap.refine_slots, max_steps=mode.greedy_steps, packs_per_group=topology.num_nodes
-  )
   slots = greedy.reshape(num_layers, topology.num_nodes, -1)
-  swapped = jax.vmap(refine)(group_load, slots).reshape(num_layers, -1)
+  # One group of all the nodes: a single head, the heaviest node.
+  swapped = swap.refine_rows(group_load, slots, mode.greedy_steps, topology.num_nodes)
+  swapped = swapped.reshape(num_layers, -1)
   return jnp.stack([greedy, refined, swapped])
 
 
