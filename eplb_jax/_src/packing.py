@@ -2,18 +2,18 @@
 
 Used twice by the hierarchical policy: expert groups onto nodes, and replicas
 onto the GPUs of a node. Row functions take one row (a layer, or a layer's
-node) and are ``vmap``-ped over rows.
+node) and are ``vmap``-ped over rows; :func:`pack_slots` packs rows the way a
+mode does (:meth:`.Mode.pack_rows`). The packers the modes build on:
 
-* ``greedy`` is DeepSeek's algorithm, reproduced exactly: items in descending
-  weight order (stable: ties to the lower index), each into the lightest pack
-  that is not full (ties to the lower pack), one ``lax.fori_loop`` step per
-  item, float32 loads accumulated in the reference's order.
-* ``refined`` starts from the balanced largest differencing method (Karmarkar
-  and Karp's differencing with equal pack sizes, "BLDM"): ``g - 1`` merges of
-  ``m``-tuples instead of one step per item. Swap refinement
-  (:mod:`eplb_jax._src.swap`) then lowers its heaviest packs; it never makes
-  the heaviest pack heavier. When the rows are the nodes of layers, only each
-  layer's rows with the heaviest packs are refined.
+* :func:`greedy_slots` is DeepSeek's algorithm, reproduced exactly: items in
+  descending weight order (stable: ties to the lower index), each into the
+  lightest pack that is not full (ties to the lower pack), one
+  ``lax.fori_loop`` step per item, float32 loads accumulated in the
+  reference's order.
+* :func:`differencing_slots` is the balanced largest differencing method
+  (Karmarkar and Karp's differencing with equal pack sizes, "BLDM"): ``g - 1``
+  merges of ``m``-tuples instead of one step per item; the refined mode
+  (:mod:`.modes.refined`) then lowers its heaviest packs by swaps.
 
 Both produce ``slots [m, g]``: row ``p`` lists the items of pack ``p``, the
 column being the item's rank in the pack (the placement uses them as the
@@ -23,18 +23,16 @@ DeepSeek's ``(pack_index, rank_in_pack)``.
 
 from __future__ import annotations
 
-import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from eplb_jax._src import ops
-from eplb_jax._src import swap
-from eplb_jax._src.modes import GpuAware
-from eplb_jax._src.modes import Greedy
-from eplb_jax._src.modes import Mode
-from eplb_jax._src.modes import Refined
 from eplb_jax._src.problem import PackingProblem
+
+if TYPE_CHECKING:  # the modes use this module's packers
+  from eplb_jax._src.modes import Mode
 
 
 def greedy_slots(weight: jax.Array, num_packs: int) -> jax.Array:
@@ -109,43 +107,9 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> tuple[jax.Array, ja
   return slots, loads[owner[0]]
 
 
-def refine_rows(
-  weight: jax.Array, slots: jax.Array, heaviest: jax.Array, domains_per_layer: int, mode: Refined
-) -> jax.Array:
-  """Swap refinement of the packings ``slots [X, m, g]`` of ``weight [X, n]``.
-
-  ``heaviest [X]`` is each row's heaviest pack load. Of each layer's
-  ``domains_per_layer`` rows, the ``mode.rows_per_layer`` with the heaviest
-  packs take ``mode.first_round_steps`` steps; then the one of them with the
-  heaviest pack takes the rest of ``mode.max_steps``: a layer's heaviest pack
-  sets its balance.
-  """
-  rows = swap.heaviest_rows(heaviest, domains_per_layer, mode.rows_per_layer)
-  if rows is None:
-    return swap.refine_rows(weight, slots, mode.max_steps, mode.packs_per_group)
-  slots = swap.refine_rows(weight, slots, mode.first_round_steps, mode.packs_per_group, rows)
-  steps = mode.max_steps - mode.first_round_steps
-  if steps == 0:
-    return slots
-  # Of each layer's refined rows, the one with the heaviest pack continues.
-  per_layer = heaviest_pack(weight[rows], slots[rows]).reshape(-1, mode.rows_per_layer)
-  again = rows[ops.argmax_first(per_layer) + jnp.arange(0, rows.shape[0], mode.rows_per_layer)]
-  return swap.refine_rows(weight, slots, steps, mode.packs_per_group, again)
-
-
 def heaviest_pack(weight: jax.Array, slots: jax.Array) -> jax.Array:
   """``[X]``: the heaviest pack load of each packing ``slots [X, m, g]`` of ``weight [X, n]``."""
   return jax.vmap(lambda w, s: ops.sum_last(w[s]).max())(weight, slots)
-
-
-def _refined_rows(weight: jax.Array, num_packs: int, domains_per_layer: int, mode: Refined):
-  """Differencing plus swap refinement (:func:`refine_rows`) of ``weight [X, n]``: ``[X, m, g]``."""
-  slots, start_loads = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
-  if weight.shape[1] <= 2 * num_packs:
-    # Two items per pack: differencing pairs the i-th heaviest item with the
-    # i-th lightest, which minimises the heaviest pack; nothing to refine.
-    return slots
-  return refine_rows(weight, slots, start_loads.max(axis=1), domains_per_layer, mode)
 
 
 def pack_slots(
@@ -154,16 +118,11 @@ def pack_slots(
   """Packs each row of ``problem`` (``[X, n]``) into ``num_packs`` packs: ``slots [X, m, g]``.
 
   Runs of ``domains_per_layer`` consecutive rows share a layer (see
-  :func:`refine_rows`).
+  :meth:`.Mode.pack_rows`, which packs rows of more items than packs).
   """
-  weight = problem.weight
-  rows, n = weight.shape
+  rows, n = problem.weight.shape
   if n == num_packs:
     # One item per pack: every assignment is equally balanced, and the
     # reference keeps the identity order.
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (rows, n, 1))
-  if isinstance(mode, Greedy):
-    return jax.vmap(functools.partial(greedy_slots, num_packs=num_packs))(weight)
-  if isinstance(mode, GpuAware):  # no counts to choose here: its packing is the refined one
-    mode = mode.refined
-  return _refined_rows(weight, num_packs, domains_per_layer, mode)
+  return mode.pack_rows(problem, num_packs, domains_per_layer)
