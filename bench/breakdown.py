@@ -75,9 +75,8 @@ def _stages(shape: workloads.Shape) -> tuple[str, dict[str, tuple[Callable, tupl
   packs = shape.num_gpus // num_nodes
   differencing = jax.vmap(functools.partial(packing.differencing_slots, num_packs=packs))
   start, loads = jax.jit(differencing)(items)
-  if num_nodes > REFINED.rows_per_layer:
-    chosen = packing.rows_to_refine(loads.max(axis=1), num_nodes, REFINED.rows_per_layer)
-  else:
+  chosen = swap.heaviest_rows(loads.max(axis=1), num_nodes, REFINED.rows_per_layer)
+  if chosen is None:
     chosen = jnp.arange(items.shape[0])
   refined_items, refined_start = items[chosen], start[chosen]
 

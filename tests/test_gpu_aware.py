@@ -12,7 +12,7 @@ from conftest import loads
 import eplb_jax
 from eplb_jax import metrics
 from eplb_jax import workloads
-from eplb_jax._src import counts
+from eplb_jax._src.modes import gpu_aware
 
 # (layers, experts, num_replicas, num_groups, num_nodes, num_gpus)
 CONFIGS = {
@@ -101,13 +101,13 @@ def test_counts_for_the_heaviest_gpu_beat_water_filling():
 
 def test_candidates():
   """Candidate j: the first R - j water-filling picks, then +1 for the j heaviest singles."""
-  assert counts.sweep(0) == (0,)
-  assert counts.sweep(8) == (0, 1, 2, 3, 4)
-  assert counts.sweep(64) == (0, 1, 2, 3, 4, 8, 16, 32)
+  assert gpu_aware.sweep(0) == (0,)
+  assert gpu_aware.sweep(8) == (0, 1, 2, 3, 4)
+  assert gpu_aware.sweep(64) == (0, 1, 2, 3, 4, 8, 16, 32)
   # 4 spare slots: water-filling gives expert 0 (load 12) four more replicas
   # (12 / 5 = 2.4 is still above the 2 of expert 1).
   weight = jnp.array([12.0, 2.0, 1.5, 1.0, 0.5], jnp.float32)
-  got, extra, rank = (np.asarray(x) for x in counts.candidate_counts(weight, 9, (0, 1, 2)))
+  got, extra, rank = (np.asarray(x) for x in gpu_aware.candidate_counts(weight, 9, (0, 1, 2)))
   np.testing.assert_array_equal(got, [[5, 1, 1, 1, 1], [4, 2, 1, 1, 1], [3, 2, 2, 1, 1]])
   np.testing.assert_array_equal(extra, [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 2]])
   np.testing.assert_array_equal(rank, [[1, 2, 3, 4], [1, 2, 3, 1], [1, 2, 1, 1]])

@@ -2,18 +2,18 @@
 
 Used twice by the hierarchical policy: expert groups onto nodes, and replicas
 onto the GPUs of a node. Row functions take one row (a layer, or a layer's
-node) and are ``vmap``-ped over rows.
+node) and are ``vmap``-ped over rows; :func:`pack_slots` packs rows the way a
+mode does (:meth:`.Mode.pack_rows`). The packers the modes build on:
 
-* ``greedy`` is DeepSeek's algorithm, reproduced exactly: items in descending
-  weight order (stable: ties to the lower index), each into the lightest pack
-  that is not full (ties to the lower pack), one ``lax.fori_loop`` step per
-  item, float32 loads accumulated in the reference's order.
-* ``refined`` starts from the balanced largest differencing method (Karmarkar
-  and Karp's differencing with equal pack sizes, "BLDM"): ``g - 1`` merges of
-  ``m``-tuples instead of one step per item. Swap refinement
-  (:mod:`eplb_jax._src.swap`) then lowers its heaviest packs; it never makes
-  the heaviest pack heavier. When the rows are the nodes of layers, only each
-  layer's rows with the heaviest packs are refined.
+* :func:`greedy_slots` is DeepSeek's algorithm, reproduced exactly: items in
+  descending weight order (stable: ties to the lower index), each into the
+  lightest pack that is not full (ties to the lower pack), one
+  ``lax.fori_loop`` step per item, float32 loads accumulated in the
+  reference's order.
+* :func:`differencing_slots` is the balanced largest differencing method
+  (Karmarkar and Karp's differencing with equal pack sizes, "BLDM"): ``g - 1``
+  merges of ``m``-tuples instead of one step per item; the refined mode
+  (:mod:`.modes.refined`) then lowers its heaviest packs by swaps.
 
 Both produce ``slots [m, g]``: row ``p`` lists the items of pack ``p``, the
 column being the item's rank in the pack (the placement uses them as the
@@ -23,18 +23,16 @@ DeepSeek's ``(pack_index, rank_in_pack)``.
 
 from __future__ import annotations
 
-import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from eplb_jax._src import ops
-from eplb_jax._src import swap
-from eplb_jax._src.modes import GpuAware
-from eplb_jax._src.modes import Greedy
-from eplb_jax._src.modes import Mode
-from eplb_jax._src.modes import Refined
 from eplb_jax._src.problem import PackingProblem
+
+if TYPE_CHECKING:  # the modes use this module's packers
+  from eplb_jax._src.modes import Mode
 
 
 def greedy_slots(weight: jax.Array, num_packs: int) -> jax.Array:
@@ -109,83 +107,22 @@ def differencing_slots(weight: jax.Array, num_packs: int) -> tuple[jax.Array, ja
   return slots, loads[owner[0]]
 
 
-def rows_to_refine(heaviest: jax.Array, rows_per_layer: int, refined_per_layer: int) -> jax.Array:
-  """Which rows the refinement takes, given the heaviest pack load of each row ``[X]``.
-
-  Runs of ``rows_per_layer`` rows share a layer; of each run, the
-  ``refined_per_layer`` rows with the heaviest packs. Returns int32 row
-  indices, layer by layer.
-  """
-  rows = heaviest.shape[0]
-  order = ops.argsort_descending(heaviest.reshape(-1, rows_per_layer), exact=False)
-  first_row = jnp.arange(0, rows, rows_per_layer, dtype=jnp.int32)[:, None]
-  return (order[:, :refined_per_layer] + first_row).reshape(-1)
-
-
-def _refine_rows(weight: jax.Array, slots: jax.Array, max_steps: int, mode: Refined) -> jax.Array:
-  refine = functools.partial(
-    swap.refine_slots, max_steps=max_steps, packs_per_group=mode.packs_per_group
-  )
-  return jax.vmap(refine)(weight, slots)
-
-
-def refine_rows(
-  weight: jax.Array, slots: jax.Array, heaviest: jax.Array, rows_per_layer: int, mode: Refined
-) -> jax.Array:
-  """Swap refinement of the packings ``slots [X, m, g]`` of ``weight [X, n]``.
-
-  ``heaviest [X]`` is each row's heaviest pack load. Of each layer's
-  ``rows_per_layer`` rows, the ``mode.rows_per_layer`` with the heaviest
-  packs take ``mode.first_round_steps`` steps; then the one of them with the
-  heaviest pack takes the rest of ``mode.max_steps``: a layer's heaviest pack
-  sets its balance.
-  """
-  if rows_per_layer <= mode.rows_per_layer:
-    return _refine_rows(weight, slots, mode.max_steps, mode)
-  chosen = rows_to_refine(heaviest, rows_per_layer, mode.rows_per_layer)
-  chosen_weight = weight[chosen]
-  refined = _refine_rows(chosen_weight, slots[chosen], mode.first_round_steps, mode)
-  steps = mode.max_steps - mode.first_round_steps
-  if steps == 0:
-    return slots.at[chosen].set(refined)
-  # Of each layer's refined rows, the one with the heaviest pack continues.
-  per_layer = heaviest_pack(chosen_weight, refined).reshape(-1, mode.rows_per_layer)
-  again = ops.argmax_first(per_layer) + jnp.arange(0, chosen.shape[0], mode.rows_per_layer)
-  refined = refined.at[again].set(_refine_rows(chosen_weight[again], refined[again], steps, mode))
-  return slots.at[chosen].set(refined)
-
-
 def heaviest_pack(weight: jax.Array, slots: jax.Array) -> jax.Array:
   """``[X]``: the heaviest pack load of each packing ``slots [X, m, g]`` of ``weight [X, n]``."""
   return jax.vmap(lambda w, s: ops.sum_last(w[s]).max())(weight, slots)
 
 
-def _refined_rows(weight: jax.Array, num_packs: int, rows_per_layer: int, mode: Refined):
-  """Differencing plus swap refinement (:func:`refine_rows`) of ``weight [X, n]``: ``[X, m, g]``."""
-  slots, start_loads = jax.vmap(functools.partial(differencing_slots, num_packs=num_packs))(weight)
-  if weight.shape[1] <= 2 * num_packs:
-    # Two items per pack: differencing pairs the i-th heaviest item with the
-    # i-th lightest, which minimises the heaviest pack; nothing to refine.
-    return slots
-  return refine_rows(weight, slots, start_loads.max(axis=1), rows_per_layer, mode)
-
-
 def pack_slots(
-  problem: PackingProblem, num_packs: int, mode: Mode, rows_per_layer: int = 1
+  problem: PackingProblem, num_packs: int, mode: Mode, domains_per_layer: int = 1
 ) -> jax.Array:
   """Packs each row of ``problem`` (``[X, n]``) into ``num_packs`` packs: ``slots [X, m, g]``.
 
-  Runs of ``rows_per_layer`` consecutive rows share a layer (see
-  :func:`_refined_rows`).
+  Runs of ``domains_per_layer`` consecutive rows share a layer (see
+  :meth:`.Mode.pack_rows`, which packs rows of more items than packs).
   """
-  weight = problem.weight
-  rows, n = weight.shape
+  rows, n = problem.weight.shape
   if n == num_packs:
     # One item per pack: every assignment is equally balanced, and the
     # reference keeps the identity order.
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (rows, n, 1))
-  if isinstance(mode, Greedy):
-    return jax.vmap(functools.partial(greedy_slots, num_packs=num_packs))(weight)
-  if isinstance(mode, GpuAware):  # no counts to choose here: its packing is the refined one
-    mode = mode.refined
-  return _refined_rows(weight, num_packs, rows_per_layer, mode)
+  return mode.pack_rows(problem, num_packs, domains_per_layer)

@@ -6,29 +6,23 @@ Hierarchical policy (DeepSeek's, see :class:`Topology`):
 2. inside each node, replicate its experts into the node's slots;
 3. pack each node's replicas onto its GPUs.
 
-The global policy runs the same pipeline with one group on one node. Shapes
-use ``L`` layers, ``E`` logical experts, ``P`` physical slots.
+The global policy runs the same pipeline with one group on one node. One
+path serves every mode: the mode (:class:`.modes.base.Mode`) decides each
+step, and may try several groups-to-nodes packings, of which each layer
+keeps the lightest. Shapes use ``L`` layers, ``E`` logical experts, ``P``
+physical slots.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from eplb_jax._src import checks
-from eplb_jax._src import counts
-from eplb_jax._src import duplicates
 from eplb_jax._src import ops
-from eplb_jax._src import packing
-from eplb_jax._src import replication
-from eplb_jax._src import swap
-from eplb_jax._src.modes import GpuAware
-from eplb_jax._src.modes import Greedy
 from eplb_jax._src.modes import Mode
-from eplb_jax._src.problem import PackingProblem
 from eplb_jax._src.topology import Topology
 
 
@@ -89,15 +83,6 @@ def _take(values: jax.Array, indices: jax.Array) -> jax.Array:
   return jnp.take_along_axis(values, indices, axis=-1)
 
 
-def _group_nodes(weight: jax.Array, topology: Topology, mode: Mode) -> jax.Array:
-  """``mgroup2group [L, num_groups]``: expert groups packed onto nodes, node by node."""
-  num_layers, num_logical = weight.shape
-  group_size = num_logical // topology.num_groups
-  group_load = ops.sum_last(weight.reshape(num_layers, topology.num_groups, group_size))
-  problem = PackingProblem.distinct(group_load)
-  return packing.pack_slots(problem, topology.num_nodes, mode).reshape(num_layers, -1)
-
-
 def _node_major(mgroup2group: jax.Array, num_logical: int) -> jax.Array:
   """``mlog2log [L, E]``: experts numbered node by node, given the groups of each node.
 
@@ -108,28 +93,6 @@ def _node_major(mgroup2group: jax.Array, num_logical: int) -> jax.Array:
   group_size = num_logical // num_groups
   within = jnp.arange(group_size, dtype=jnp.int32)
   return ((mgroup2group * group_size)[..., None] + within).reshape(num_layers, num_logical)
-
-
-def _group_candidates(weight: jax.Array, topology: Topology, mode: GpuAware) -> jax.Array:
-  """``mgroup2group [C, L, num_groups]``: the groups-to-nodes packings GPU-aware mode tries.
-
-  Greedy's always (first, so that ties keep it); with more than two groups
-  per node, where the pairing of groups is no longer obviously optimal, also
-  the refined packing and greedy's refined by single-head swaps.
-  """
-  greedy = _group_nodes(weight, topology, Greedy())
-  if topology.num_groups <= 2 * topology.num_nodes:
-    return greedy[None]
-  refined = _group_nodes(weight, topology, mode.refined)
-  num_layers, num_logical = weight.shape
-  group_size = num_logical // topology.num_groups
-  group_load = ops.sum_last(weight.reshape(num_layers, topology.num_groups, group_size))
-  refine = functools.partial(
-    swap.refine_slots, max_steps=mode.greedy_steps, packs_per_group=topology.num_nodes
-  )
-  slots = greedy.reshape(num_layers, topology.num_nodes, -1)
-  swapped = jax.vmap(refine)(group_load, slots).reshape(num_layers, -1)
-  return jnp.stack([greedy, refined, swapped])
 
 
 def _assemble(
@@ -160,40 +123,6 @@ def _assemble(
   return pphy2log, pphyrank, logcnt
 
 
-def _gpu_aware_rows(
-  weight: jax.Array, topology: Topology, mode: GpuAware
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """:func:`place_rows` in GPU-aware mode (:class:`GpuAware` documents the rule)."""
-  num_layers, num_logical = weight.shape
-  num_nodes = topology.num_nodes
-  experts_per_node = num_logical // num_nodes
-  slots_per_node = topology.slots_per_node
-
-  # Every groups-to-nodes candidate runs as one batch of (candidate, layer, node) rows.
-  candidates = _group_candidates(weight, topology, mode)
-  num_candidates = candidates.shape[0]
-  mlog2log = _node_major(candidates.reshape(-1, topology.num_groups), num_logical)
-  mlog_load = _take(jnp.tile(weight, (num_candidates, 1)), mlog2log).reshape(-1, experts_per_node)
-  domains = counts.domain_rows(mlog_load, slots_per_node, topology.gpus_per_node, num_nodes, mode)
-  if num_candidates > 1:
-    # Per layer, the candidate with the lightest heaviest GPU (ties: greedy's).
-    heaviest = domains.heaviest.reshape(num_candidates, num_layers, num_nodes).max(axis=2)
-    best = ops.argmin_first(heaviest.T)  # [L]
-    layer = jnp.arange(num_layers)
-
-    def choose(x):
-      x = x.reshape(num_candidates, num_layers, -1, *x.shape[1:])[best, layer]
-      return x.reshape(-1, *x.shape[2:])
-
-    domains = jax.tree.map(choose, domains)
-    mlog2log = mlog2log.reshape(num_candidates, num_layers, -1)[best, layer]
-  gpu_slots = domains.slots
-  if gpu_slots.shape[-1] > 1:
-    problem = PackingProblem(domains.load, domains.expert)
-    gpu_slots = jax.vmap(duplicates.separate)(problem, gpu_slots)
-  return _assemble(mlog2log, domains.expert, domains.rank, domains.count, gpu_slots)
-
-
 def place_rows(
   weight: jax.Array, topology: Topology, mode: Mode
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -209,22 +138,33 @@ def place_rows(
     each slot (slots numbered GPU by GPU), each slot's replica index within
     its expert, and the replicas of each expert.
   """
-  if isinstance(mode, GpuAware):
-    return _gpu_aware_rows(weight, topology, mode)
-  num_logical = weight.shape[1]
-  experts_per_node = num_logical // topology.num_nodes
+  num_layers, num_logical = weight.shape
+  num_nodes = topology.num_nodes
+  experts_per_node = num_logical // num_nodes
 
-  # 1. Groups -> nodes. 2. Replicas within each node; rows are (layer, node)
-  # pairs from here on.
-  mlog2log = _node_major(_group_nodes(weight, topology, mode), num_logical)
-  mlog_load = _take(weight, mlog2log).reshape(-1, experts_per_node)
-  phy2mlog, phyrank, mlogcnt = replication.replicate_rows(mlog_load, topology.slots_per_node)
+  # 1. Groups -> nodes: every candidate the mode tries runs as one batch of
+  # (candidate, layer, node) rows from here on.
+  candidates = mode.group_candidates(weight, topology)
+  num_candidates = candidates.shape[0]
+  mlog2log = _node_major(candidates.reshape(-1, topology.num_groups), num_logical)
+  mlog_load = _take(jnp.tile(weight, (num_candidates, 1)), mlog2log).reshape(-1, experts_per_node)
+  # 2. Replicas within each node, and their packing onto the node's GPUs.
+  domains = mode.fill_domains(mlog_load, topology)
+  if num_candidates > 1:
+    # 3. Per layer, the candidate with the lightest heaviest GPU (ties: the first).
+    heaviest = domains.heaviest.reshape(num_candidates, num_layers, num_nodes).max(axis=2)
+    best = ops.argmin_first(heaviest.T)  # [L]
+    layer = jnp.arange(num_layers)
 
-  # 3. Replicas -> GPUs of their node.
-  replica_load = _take(mlog_load / mlogcnt, phy2mlog)
-  problem = PackingProblem(replica_load, phy2mlog)
-  gpu_slots = packing.pack_slots(problem, topology.gpus_per_node, mode, topology.num_nodes)
-  return _assemble(mlog2log, phy2mlog, phyrank, mlogcnt, gpu_slots)
+    def choose(x):
+      x = x.reshape(num_candidates, num_layers, -1, *x.shape[1:])[best, layer]
+      return x.reshape(-1, *x.shape[2:])
+
+    domains = jax.tree.map(choose, domains)
+    mlog2log = mlog2log.reshape(num_candidates, num_layers, -1)[best, layer]
+  # 4. The mode finishes each kept packing.
+  gpu_slots = mode.finish_domains(domains)
+  return _assemble(mlog2log, domains.expert, domains.rank, domains.count, gpu_slots)
 
 
 def logical_to_physical(phy2log: jax.Array, phyrank: jax.Array, num_logical: int) -> jax.Array:

@@ -4,7 +4,8 @@ One kernel serves both users of exchanges; they differ only in how they rank
 the candidate exchanges (a *cost*):
 
 * refinement (:func:`refine_slots`) ranks by the heavier of the two packs
-  afterwards, the min-max rule;
+  afterwards, the min-max rule; the modes refine rows of packings through
+  :func:`refine_rows`, choosing them with :func:`heaviest_rows`;
 * migration (:mod:`eplb_jax._src.migration.warm`) ranks first by replicas
   moved away from the GPU that holds them, then by load.
 
@@ -26,6 +27,7 @@ pack. Costs are tuples of keys compared lexicographically, lowest first.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -215,3 +217,41 @@ def refine_slots(
   slots, items = (x[order].reshape(shape).swapaxes(0, 1) for x in (slots, items))
   refined = run(Packs(items, slots), min_max_cost, max_steps)
   return refined.payload.reshape(num_packs, per_pack)
+
+
+def heaviest_rows(
+  heaviest: jax.Array, domains_per_layer: int, rows_per_layer: int
+) -> jax.Array | None:
+  """Which rows to refine, given the heaviest pack load of each row ``heaviest [X]``.
+
+  Runs of ``domains_per_layer`` consecutive rows share a layer (the nodes of
+  a layer); of each run, the ``rows_per_layer`` rows with the heaviest packs,
+  since a layer's heaviest pack sets its balance. Returns int32 row indices,
+  layer by layer, or ``None`` (every row) where a layer has no more rows.
+  """
+  if domains_per_layer <= rows_per_layer:
+    return None
+  num_rows = heaviest.shape[0]
+  order = ops.argsort_descending(heaviest.reshape(-1, domains_per_layer), exact=False)
+  first_row = jnp.arange(0, num_rows, domains_per_layer, dtype=jnp.int32)[:, None]
+  return (order[:, :rows_per_layer] + first_row).reshape(-1)
+
+
+def refine_rows(
+  weight: jax.Array,
+  slots: jax.Array,
+  max_steps: int,
+  packs_per_group: int,
+  rows: jax.Array | None = None,
+) -> jax.Array:
+  """:func:`refine_slots` of the rows ``rows`` (every row if ``None``) of ``slots [X, m, g]``.
+
+  Row ``x`` packs the items ``weight [X, n]`` of row ``x``; rows not listed
+  come back unchanged.
+  """
+  refine = jax.vmap(
+    functools.partial(refine_slots, max_steps=max_steps, packs_per_group=packs_per_group)
+  )
+  if rows is None:
+    return refine(weight, slots)
+  return slots.at[rows].set(refine(weight[rows], slots[rows]))
