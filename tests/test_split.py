@@ -194,7 +194,7 @@ class SplitProbabilitiesTest(chex.TestCase):
     (lambda: eplb_jax.split_tokens(np.ones((1, 3)), np.zeros((1, 4), int), 2), "integer"),
     (lambda: eplb_jax.split_tokens(np.ones(3, int), np.zeros((1, 4), int), 2), "counts must"),
     (lambda: eplb_jax.split_tokens(np.ones((2, 3), int), np.zeros((1, 4), int), 2), "layers"),
-    (lambda: eplb_jax.split_tokens(np.ones((1, 3), int), np.zeros((1, 4), int), 3), "divisible"),
+    (lambda: eplb_jax.split_tokens(np.ones((1, 3), int), np.zeros((1, 4), int), 3), "divide"),
     (lambda: eplb_jax.split_tokens(-np.ones((1, 3), int), np.zeros((1, 4), int), 2), "negative"),
     (lambda: eplb_jax.split_tokens(np.ones((1, 3), int), np.full((1, 4), 3), 2), "phy2log entries"),
     (lambda: eplb_jax.split_tokens(np.ones((1, 3), int), np.zeros((1, 4), int), 0), "num_gpus"),

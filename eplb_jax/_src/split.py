@@ -167,7 +167,7 @@ class _Iterate(NamedTuple):
   x_loads: jax.Array  # GPU loads of x
   y_loads: jax.Array  # GPU loads of y (linear in y, so extrapolated alongside it)
   t: jax.Array  # FISTA momentum
-  energy: jax.Array  # 1/2 sum of squared GPU loads at x
+  energy: jax.Array  # 1/2 sum of squared GPU loads about their mean, at x
   best: jax.Array  # the iterate with the lightest heaviest GPU so far
   best_max: jax.Array
   bound: jax.Array
@@ -199,8 +199,8 @@ def _split_layer(
   num_gpus: int,
   tolerance: float,
   max_steps: int,
-) -> tuple[jax.Array, jax.Array]:
-  """Integer quotas ``[P]`` and the certified lower bound of one layer's step."""
+) -> jax.Array:
+  """Integer quotas ``[P]`` of one layer's step."""
   num_experts, num_slots = counts.shape[0], phy2log.shape[0]
   pairs = _pairs(phy2log, num_experts, num_slots // num_gpus)
   counts_f = counts.astype(jnp.float32)
@@ -286,7 +286,7 @@ def _split_layer(
   )
   final = jax.lax.while_loop(lambda it: ~done(it), body, start)
   quotas = _round(final.best, counts, pairs)
-  return jnp.zeros(num_slots, jnp.int32).at[pairs.order].set(quotas), final.bound
+  return jnp.zeros(num_slots, jnp.int32).at[pairs.order].set(quotas)
 
 
 def _check_placement(
@@ -295,7 +295,6 @@ def _check_placement(
   """``(phy2log [L, P] int32, num_gpus)`` from a :class:`Placement` or a ``phy2log`` array."""
   if isinstance(num_gpus, Topology):
     num_gpus = num_gpus.num_gpus
-  num_gpus = checks.check_size(num_gpus, "num_gpus")
   phy2log = placement.phy2log if isinstance(placement, Placement) else placement
   phy2log = checks.check_ids(phy2log, "phy2log")
   if phy2log.ndim != 2:
@@ -304,10 +303,7 @@ def _check_placement(
     raise ValueError(
       f"counts must have the {phy2log.shape[0]} layers of the placement, got shape {counts.shape}"
     )
-  if phy2log.shape[1] % num_gpus:
-    raise ValueError(
-      f"the placement's {phy2log.shape[1]} slots must be divisible by num_gpus ({num_gpus})"
-    )
+  checks.check_num_gpus(num_gpus, phy2log.shape[1])
   num_experts = counts.shape[-1]
   if checks.is_concrete(phy2log):
     host = jax.device_get(phy2log)
@@ -324,8 +320,23 @@ def _split(counts, phy2log, num_gpus, tolerance, max_steps):
     rows.shape[0], -1
   )
   split_layer = jax.vmap(_split_layer, in_axes=(0, 0, None, None, None))
-  quotas, _ = split_layer(rows, maps, num_gpus, tolerance, max_steps)
-  return quotas.reshape(*counts.shape[:-1], -1)
+  return split_layer(rows, maps, num_gpus, tolerance, max_steps).reshape(*counts.shape[:-1], -1)
+
+
+def _checked_split(
+  counts: jax.typing.ArrayLike,
+  placement: Placement | jax.typing.ArrayLike,
+  num_gpus: int | Topology,
+  tolerance: float,
+  max_steps: int,
+) -> tuple[jax.Array, jax.Array]:
+  """``(quotas, phy2log)`` of :func:`split_tokens`, its arguments checked once."""
+  tolerance, max_steps = checks.check_solver(tolerance, max_steps)
+  counts = checks.check_counts(counts)
+  phy2log, num_gpus = _check_placement(placement, num_gpus, counts)
+  if not counts.shape[-2]:
+    return jnp.zeros((*counts.shape[:-1], phy2log.shape[1]), jnp.int32), phy2log
+  return _split(counts, phy2log, num_gpus, tolerance, max_steps), phy2log
 
 
 def split_tokens(
@@ -376,12 +387,7 @@ def split_tokens(
     ValueError: shapes or dtypes that do not fit, a bad size or solver
       setting; eagerly, negative counts or bad placement entries.
   """
-  tolerance, max_steps = checks.check_solver(tolerance, max_steps)
-  counts = checks.check_counts(counts)
-  phy2log, num_gpus = _check_placement(placement, num_gpus, counts)
-  if not counts.shape[-2]:
-    return jnp.zeros((*counts.shape[:-1], phy2log.shape[1]), jnp.int32)
-  return _split(counts, phy2log, num_gpus, tolerance, max_steps)
+  return _checked_split(counts, placement, num_gpus, tolerance, max_steps)[0]
 
 
 def split_probabilities(
@@ -405,11 +411,9 @@ def split_probabilities(
     float32 ``[L, E, R]`` (``[N, L, E, R]`` for a window), each listed
     expert's row summing to 1.
   """
-  counts_checked = checks.check_counts(counts)
+  quotas, phy2log = _checked_split(counts, placement, num_gpus, tolerance, max_steps)
   if not isinstance(placement, Placement):
-    phy2log, _ = _check_placement(placement, num_gpus, counts_checked)
-    placement = placement_lib.from_phy2log(phy2log, counts_checked.shape[-1])
-  quotas = split_tokens(counts, placement, num_gpus, tolerance=tolerance, max_steps=max_steps)
+    placement = placement_lib.from_phy2log(phy2log, jnp.shape(counts)[-1])
   return _probabilities(quotas, jnp.asarray(placement.log2phy), jnp.asarray(placement.logcnt))
 
 

@@ -161,14 +161,13 @@ def _phy2log(log2phy: jax.Array, num_replicas: int) -> jax.Array:
 
 def _quotas(counts: jax.Array, log2phy: jax.Array, num_replicas: int, num_gpus: int) -> jax.Array:
   """``[P]`` int32 quotas of the step's global ``counts [E]`` (the balanced split)."""
-  quotas, _ = split_lib._split_layer(
+  return split_lib._split_layer(
     counts,
     _phy2log(log2phy, num_replicas),
     num_gpus,
     split_lib.DEFAULT_TOLERANCE,
     split_lib.DEFAULT_MAX_STEPS,
   )
-  return quotas
 
 
 def _route(slots: jax.Array, num_replicas: int, capacity: int) -> _Route:
