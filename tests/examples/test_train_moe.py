@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+import pathlib
 import sys
 
 import numpy as np
@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.heavy
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = str(pathlib.Path(__file__).resolve().parents[2] / "examples")
 
 
 @functools.cache
