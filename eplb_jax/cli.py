@@ -38,8 +38,8 @@ from eplb_jax import metrics
 from eplb_jax import workloads
 from eplb_jax._src import checks
 from eplb_jax._src import files
-from eplb_jax._src.api import migration_cost
 from eplb_jax._src.api import rebalance
+from eplb_jax._src.migration import migration_cost
 from eplb_jax._src.modes import DEFAULT_MODE
 from eplb_jax._src.modes import MODES
 from eplb_jax._src.placement import Placement
@@ -287,12 +287,6 @@ def _timed_rebalance(weight: np.ndarray, shape: workloads.Shape, mode: str, prev
   return placement, times
 
 
-def _balancedness(loads: np.ndarray) -> np.ndarray:
-  """Mean over max of each row of float64 ``loads [L, G]``; 1 for an all-zero row."""
-  peak = loads.max(axis=-1)
-  return np.where(peak > 0, loads.mean(axis=-1) / np.where(peak > 0, peak, 1), 1.0)
-
-
 def _summary(weight, shape, placement, times, previous) -> None:
   # Balance over the active GPUs, against the bound of their problem. Every figure is a ratio of
   # one layer's loads: each layer is scaled by the power of two (exact) that keeps its sum within
@@ -300,11 +294,13 @@ def _summary(weight, shape, placement, times, previous) -> None:
   # loads give finite figures.
   active = shape.topology.survivors()
   weight = checks.sanitize_weight(jnp.asarray(weight, jnp.float32))
-  before = _balancedness(contiguous_loads(np.asarray(weight, np.float64), active.num_gpus))
+  before = metrics.layer_balancedness(
+    contiguous_loads(np.asarray(weight, np.float64), active.num_gpus)
+  )
   replica = np.asarray(placement.replica_loads(weight), np.float64)
   loads = replica.reshape(shape.num_layers, shape.num_gpus, -1).sum(-1)
   loads = loads[:, np.asarray(shape.topology.active_gpus)]
-  after = _balancedness(loads)
+  after = metrics.layer_balancedness(loads)
   bound = metrics.lower_bound(
     weight, active.num_replicas, active.num_gpus, active.num_groups, active.num_nodes
   )

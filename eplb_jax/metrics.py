@@ -30,10 +30,15 @@ def gpu_loads(
   return placement.gpu_loads(weight, phy2log, logcnt, num_gpus)
 
 
-def layer_balancedness(loads: jax.Array) -> jax.Array:
-  """Mean over max load of each row of ``loads [L, G]``; 1 for an all-zero row."""
+def layer_balancedness(loads: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+  """Mean over max load of each row of ``loads [L, G]``; 1 for an all-zero row.
+
+  A NumPy array is measured on the host in its own dtype (float64 stays float64), anything
+  else with jax.
+  """
+  xp = np if isinstance(loads, np.ndarray) else jnp
   peak = loads.max(axis=-1)
-  return jnp.where(peak > 0, loads.mean(axis=-1) / jnp.where(peak > 0, peak, 1), 1.0)
+  return xp.where(peak > 0, loads.mean(axis=-1) / xp.where(peak > 0, peak, 1), 1.0)
 
 
 def balancedness(loads: jax.Array) -> jax.Array:
