@@ -68,13 +68,6 @@ def _input_error(what: str, path: pathlib.Path, error: BaseException) -> ValueEr
   return ValueError(message)
 
 
-def _read_json(path: pathlib.Path) -> Any:
-  try:
-    return json.loads(path.read_text())
-  except RecursionError:
-    raise ValueError("JSON nested too deeply") from None
-
-
 def _entry(entries: Mapping[str, Any], name: str) -> Any:
   """The entry ``name`` of an .npz archive or a JSON object."""
   if name not in entries:
@@ -86,7 +79,7 @@ def _read_loads(path: pathlib.Path, suffix: str, key: str | None, allow_pickle: 
   if suffix == ".pt":
     return sglang.read_recorder_dump(path)
   if suffix == ".npy":
-    if sglang.npy_is_pickled(path):
+    if files.npy_is_pickled(path):
       return sglang.read_sglang_jax_dump(path, allow_pickle=allow_pickle)
     return np.load(path)
   if suffix == ".npz":
@@ -99,7 +92,7 @@ def _read_loads(path: pathlib.Path, suffix: str, key: str | None, allow_pickle: 
     if weight.size == 0:
       raise ValueError("no rows")
     return weight
-  data = _read_json(path)
+  data = files.read_json(path)
   if not isinstance(data, dict):
     return data
   if key is None and sglang.LOGICAL_COUNT in data:
@@ -162,13 +155,13 @@ def load_previous(path: pathlib.Path, num_replicas: int) -> np.ndarray:
       with np.load(path) as maps:
         return np.asarray(_entry(maps, "phy2log"))
     if suffix == ".json":
-      data = _read_json(path)
+      data = files.read_json(path)
       if isinstance(data, dict) and "phy2log" in data:
         phy2log = np.asarray(data["phy2log"])
         if phy2log.shape == (0,):  # JSON keeps no shape for an empty list
           return np.zeros((0, num_replicas), np.int32)
         return phy2log
-    if suffix == ".npy" and path.is_file() and sglang.npy_is_pickled(path):
+    if suffix == ".npy" and path.is_file() and files.npy_is_pickled(path):
       raise ValueError(
         "holds a pickled object, and --previous never unpickles (--allow-pickle applies to "
         "INPUT only); give a placement as plan --output writes it"
