@@ -294,9 +294,7 @@ def _summary(weight, shape, placement, times, previous) -> None:
   loads = replica.reshape(shape.num_layers, shape.num_gpus, -1).sum(-1)
   loads = loads[:, np.asarray(shape.topology.active_gpus)]
   after = metrics.layer_balancedness(loads)
-  bound = metrics.lower_bound(
-    weight, active.num_replicas, active.num_gpus, active.num_groups, active.num_nodes
-  )
+  bound = metrics.lower_bound(weight, shape.topology)
   bound = np.asarray(bound, np.float64)
   peak = loads.max(axis=-1)
   ratio = np.where(bound > 0, peak / np.where(bound > 0, bound, 1), 1.0)  # all-zero layers: 1

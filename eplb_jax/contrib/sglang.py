@@ -562,9 +562,8 @@ def expert_location_metadata(
     rank_dispatch = all_physical[:, :, 0]
   elif dispatch == "eplb_jax":
     # expert_location needs each expert's slots, in any order and width: all_physical.
-    location = eplb_jax.expert_location(
-      eplb_jax.Placement(phy2log, all_physical, count), ep_size, num_nodes
-    )
+    topology = eplb_jax.Topology(phy2log.shape[1], 1, num_nodes, ep_size)
+    location = eplb_jax.expert_location(eplb_jax.Placement(phy2log, all_physical, count), topology)
     rank_dispatch = np.asarray(location.logical_to_rank_dispatch_physical_map[:, ep_rank])
   else:
     rank_dispatch = sglang_dispatch_map(
