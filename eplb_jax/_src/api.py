@@ -117,6 +117,16 @@ def rebalance(
 
   Returns:
     The :class:`Placement` (``phy2log``, ``log2phy``, ``logcnt``).
+
+  Example:
+    >>> import numpy as np
+    >>> import eplb_jax
+    >>> topology = eplb_jax.Topology(6, num_groups=1, num_nodes=1, num_gpus=2)
+    >>> placement = eplb_jax.rebalance(np.array([[4.0, 1.0, 1.0, 2.0]]), topology)
+    >>> placement.phy2log  # expert 0 and 3 got a second replica; slots 0-2 are on GPU 0
+    Array([[0, 1, 3, 0, 2, 3]], dtype=int32)
+    >>> placement.gpu_loads(np.array([[4.0, 1.0, 1.0, 2.0]]), num_gpus=2)
+    Array([[4., 4.]], dtype=float32)
   """
   checks.check_topology(topology)
   mode = check_mode(mode)

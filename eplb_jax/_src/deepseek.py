@@ -78,6 +78,16 @@ def rebalance_experts(
     slot (``P / num_gpus`` consecutive slots per GPU; -1 on a failed GPU),
     ``log2phy [L, E, P - E + 1]`` the slots of each expert, -1 padded, and
     ``logcnt [L, E]`` the number of replicas of each expert.
+
+  Example:
+    >>> import numpy as np
+    >>> import eplb_jax
+    >>> weight = np.array([[4.0, 1.0, 1.0, 2.0]])  # one layer, four experts
+    >>> phy2log, log2phy, logcnt = eplb_jax.rebalance_experts(weight, 6, 1, 1, 2)
+    >>> logcnt
+    Array([[2, 1, 1, 2]], dtype=int32)
+    >>> log2phy[0, 0]  # the slots of expert 0
+    Array([ 3,  0, -1], dtype=int32)
   """
   return rebalance(
     weight,

@@ -60,6 +60,16 @@ def expert_location(placement: Placement, topology: Topology) -> ExpertLocation:
 
   Returns:
     The :class:`ExpertLocation`.
+
+  Example:
+    >>> import numpy as np
+    >>> import eplb_jax
+    >>> topology = eplb_jax.Topology(6, num_groups=1, num_nodes=1, num_gpus=2)
+    >>> placement = eplb_jax.rebalance(np.array([[4.0, 1.0, 1.0, 2.0]]), topology)
+    >>> location = eplb_jax.expert_location(placement, topology)
+    >>> location.logical_to_rank_dispatch_physical_map  # [L, GPU, expert]: the slot to send to
+    Array([[[0, 1, 4, 2],
+            [3, 1, 4, 5]]], dtype=int32)
   """
   checks.check_topology(topology)
   phy2log, log2phy, logcnt = placement

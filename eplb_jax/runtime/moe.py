@@ -118,6 +118,11 @@ def capacity(
 
   At most ``tokens_per_device``; ``capacity_factor=None`` gives that bound,
   which drops nothing.
+
+  Example:
+    >>> from eplb_jax.runtime import moe
+    >>> moe.capacity(64, 2, 16, 1.25)  # ceil(1.25 * 64 * 2 / 16)
+    10
   """
   if capacity_factor is None:
     return tokens_per_device

@@ -141,6 +141,15 @@ def migration_cost(
     after beyond those it held before (a GPU that had expert 3 once and now has
     it twice receives one replica; an empty slot, -1, receives none);
     ``changed_slots`` counts the slots whose expert changes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import eplb_jax
+    >>> old = jnp.array([[0, 1, 2, 3]])  # two slots per GPU on 2 GPUs
+    >>> eplb_jax.migration_cost(old, jnp.array([[1, 0, 2, 3]]), num_gpus=2)  # within GPU 0
+    (Array([0], dtype=int32), Array([2], dtype=int32))
+    >>> eplb_jax.migration_cost(old, jnp.array([[0, 2, 1, 3]]), num_gpus=2)  # across GPUs
+    (Array([2], dtype=int32), Array([2], dtype=int32))
   """
   old = checks.check_phy2log(old_phy2log, "old_phy2log")
   new = checks.check_phy2log(new_phy2log, "new_phy2log")
