@@ -94,14 +94,10 @@ def quality(shapes, fams, seed, torch_reference) -> list[dict]:
   run = methods(torch_reference)
   for shape_name in shapes:
     num_layers, num_experts, *sizes = SHAPES[shape_name]
-    num_replicas, num_groups, num_nodes, num_gpus = sizes
+    num_gpus = sizes[-1]
     for family in fams:
       windows = trace(family, num_layers, num_experts, seed)
-      bound = np.asarray(
-        metrics.lower_bound(
-          windows[0], num_replicas, num_gpus, num_groups=num_groups, num_nodes=num_nodes
-        )
-      )
+      bound = np.asarray(metrics.lower_bound(windows[0], eplb_jax.Topology(*sizes)))
       for name, fn in run.items():
         phy2log, _, logcnt = (np.asarray(x) for x in fn(windows[0], sizes))
         now = layer_peaks(windows[0], phy2log, logcnt, num_gpus)

@@ -102,9 +102,7 @@ def _best_times(calls: dict[str, Call], repeats: dict[str, int], rounds: int):
 
 def run_shape(shape: workloads.Shape, args) -> list[dict]:
   weight = workloads.skewed_loads(shape.num_layers, shape.num_experts, seed=args.seed)
-  bound = metrics.lower_bound(
-    weight, shape.num_replicas, shape.num_gpus, shape.num_groups, shape.num_nodes
-  )
+  bound = metrics.lower_bound(weight, shape.topology)
   prepared = {name: prepare(weight) for name, prepare in _methods(shape, args).items()}
   per_round = max(1, args.repeats // args.rounds)
   repeats = {name: 1 if name == "torch original" else per_round for name in prepared}

@@ -52,17 +52,11 @@ doctest_default_flags = (
   doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE | doctest.DONT_ACCEPT_TRUE_FOR_1
 )
 doctest_global_setup = """
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import eplb_jax
-from eplb_jax import metrics as _metrics
 
 np.set_printoptions(precision=4, suppress=True)
-# The docs show metrics.lower_bound(weight, topology); until the code takes a Topology there,
-# the blocks that call it are skipped (":skipif: LOWER_BOUND_TAKES_SIZES").
-LOWER_BOUND_TAKES_SIZES = "num_replicas" in inspect.signature(_metrics.lower_bound).parameters
 """

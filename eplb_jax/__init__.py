@@ -11,18 +11,18 @@ measures, and :mod:`eplb_jax.contrib` adapters with optional dependencies.
 
 from eplb_jax import metrics
 from eplb_jax import runtime
-from eplb_jax._src.api import balanced_packing
-from eplb_jax._src.api import gate_placement
-from eplb_jax._src.api import gated_rebalance
-from eplb_jax._src.api import migration_cost
 from eplb_jax._src.api import rebalance
-from eplb_jax._src.api import rebalance_experts
-from eplb_jax._src.api import rebalance_experts_hierarchical
 from eplb_jax._src.api import rebalance_with_previous
-from eplb_jax._src.api import replicate_experts
+from eplb_jax._src.deepseek import balanced_packing
+from eplb_jax._src.deepseek import rebalance_experts
+from eplb_jax._src.deepseek import rebalance_experts_hierarchical
+from eplb_jax._src.deepseek import replicate_experts
 from eplb_jax._src.gate import GatedPlacement
+from eplb_jax._src.gate import gate_placement
+from eplb_jax._src.gate import gated_rebalance
 from eplb_jax._src.location import ExpertLocation
 from eplb_jax._src.location import expert_location
+from eplb_jax._src.migration import migration_cost
 from eplb_jax._src.modes import GpuAware
 from eplb_jax._src.modes import Greedy
 from eplb_jax._src.modes import Refined

@@ -38,8 +38,8 @@ from eplb_jax import metrics
 from eplb_jax import workloads
 from eplb_jax._src import checks
 from eplb_jax._src import files
-from eplb_jax._src.api import migration_cost
 from eplb_jax._src.api import rebalance
+from eplb_jax._src.migration import migration_cost
 from eplb_jax._src.modes import DEFAULT_MODE
 from eplb_jax._src.modes import MODES
 from eplb_jax._src.placement import Placement
@@ -68,13 +68,6 @@ def _input_error(what: str, path: pathlib.Path, error: BaseException) -> ValueEr
   return ValueError(message)
 
 
-def _read_json(path: pathlib.Path) -> Any:
-  try:
-    return json.loads(path.read_text())
-  except RecursionError:
-    raise ValueError("JSON nested too deeply") from None
-
-
 def _entry(entries: Mapping[str, Any], name: str) -> Any:
   """The entry ``name`` of an .npz archive or a JSON object."""
   if name not in entries:
@@ -86,7 +79,7 @@ def _read_loads(path: pathlib.Path, suffix: str, key: str | None, allow_pickle: 
   if suffix == ".pt":
     return sglang.read_recorder_dump(path)
   if suffix == ".npy":
-    if sglang.npy_is_pickled(path):
+    if files.npy_is_pickled(path):
       return sglang.read_sglang_jax_dump(path, allow_pickle=allow_pickle)
     return np.load(path)
   if suffix == ".npz":
@@ -99,7 +92,7 @@ def _read_loads(path: pathlib.Path, suffix: str, key: str | None, allow_pickle: 
     if weight.size == 0:
       raise ValueError("no rows")
     return weight
-  data = _read_json(path)
+  data = files.read_json(path)
   if not isinstance(data, dict):
     return data
   if key is None and sglang.LOGICAL_COUNT in data:
@@ -162,13 +155,13 @@ def load_previous(path: pathlib.Path, num_replicas: int) -> np.ndarray:
       with np.load(path) as maps:
         return np.asarray(_entry(maps, "phy2log"))
     if suffix == ".json":
-      data = _read_json(path)
+      data = files.read_json(path)
       if isinstance(data, dict) and "phy2log" in data:
         phy2log = np.asarray(data["phy2log"])
         if phy2log.shape == (0,):  # JSON keeps no shape for an empty list
           return np.zeros((0, num_replicas), np.int32)
         return phy2log
-    if suffix == ".npy" and path.is_file() and sglang.npy_is_pickled(path):
+    if suffix == ".npy" and path.is_file() and files.npy_is_pickled(path):
       raise ValueError(
         "holds a pickled object, and --previous never unpickles (--allow-pickle applies to "
         "INPUT only); give a placement as plan --output writes it"
@@ -287,12 +280,6 @@ def _timed_rebalance(weight: np.ndarray, shape: workloads.Shape, mode: str, prev
   return placement, times
 
 
-def _balancedness(loads: np.ndarray) -> np.ndarray:
-  """Mean over max of each row of float64 ``loads [L, G]``; 1 for an all-zero row."""
-  peak = loads.max(axis=-1)
-  return np.where(peak > 0, loads.mean(axis=-1) / np.where(peak > 0, peak, 1), 1.0)
-
-
 def _summary(weight, shape, placement, times, previous) -> None:
   # Balance over the active GPUs, against the bound of their problem. Every figure is a ratio of
   # one layer's loads: each layer is scaled by the power of two (exact) that keeps its sum within
@@ -300,14 +287,14 @@ def _summary(weight, shape, placement, times, previous) -> None:
   # loads give finite figures.
   active = shape.topology.survivors()
   weight = checks.sanitize_weight(jnp.asarray(weight, jnp.float32))
-  before = _balancedness(contiguous_loads(np.asarray(weight, np.float64), active.num_gpus))
+  before = metrics.layer_balancedness(
+    contiguous_loads(np.asarray(weight, np.float64), active.num_gpus)
+  )
   replica = np.asarray(placement.replica_loads(weight), np.float64)
   loads = replica.reshape(shape.num_layers, shape.num_gpus, -1).sum(-1)
   loads = loads[:, np.asarray(shape.topology.active_gpus)]
-  after = _balancedness(loads)
-  bound = metrics.lower_bound(
-    weight, active.num_replicas, active.num_gpus, active.num_groups, active.num_nodes
-  )
+  after = metrics.layer_balancedness(loads)
+  bound = metrics.lower_bound(weight, shape.topology)
   bound = np.asarray(bound, np.float64)
   peak = loads.max(axis=-1)
   ratio = np.where(bound > 0, peak / np.where(bound > 0, bound, 1), 1.0)  # all-zero layers: 1

@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eplb_jax._src import checks
 from eplb_jax._src import placement
 from eplb_jax._src import replication
+from eplb_jax._src.topology import Topology
 
 
 @functools.partial(jax.jit, static_argnames="num_gpus")
@@ -38,10 +40,15 @@ def gpu_loads(
   return placement.gpu_loads(weight, phy2log, logcnt, num_gpus)
 
 
-def layer_balancedness(loads: jax.Array) -> jax.Array:
-  """Mean over max load of each row of ``loads [L, G]``; 1 for an all-zero row."""
+def layer_balancedness(loads: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+  """Mean over max load of each row of ``loads [L, G]``; 1 for an all-zero row.
+
+  A NumPy array is measured on the host in its own dtype (float64 stays float64), anything
+  else with jax.
+  """
+  xp = np if isinstance(loads, np.ndarray) else jnp
   peak = loads.max(axis=-1)
-  return jnp.where(peak > 0, loads.mean(axis=-1) / jnp.where(peak > 0, peak, 1), 1.0)
+  return xp.where(peak > 0, loads.mean(axis=-1) / xp.where(peak > 0, peak, 1), 1.0)
 
 
 def balancedness(loads: jax.Array) -> jax.Array:
@@ -126,19 +133,13 @@ def _num_partitions(num_groups: int, size: int) -> int:
   return total
 
 
-@functools.partial(jax.jit, static_argnames=("num_replicas", "num_gpus", "num_groups", "num_nodes"))
-def lower_bound(
-  weight: jax.typing.ArrayLike,
-  num_replicas: int,
-  num_gpus: int,
-  num_groups: int = 1,
-  num_nodes: int = 1,
-) -> jax.Array:
-  """A lower bound ``[L]`` on the heaviest GPU load of any placement under the policy.
+def lower_bound(weight: jax.typing.ArrayLike, topology: Topology) -> jax.Array:
+  """A lower bound ``[L]`` on the heaviest GPU load of any placement of ``weight`` on
+  ``topology`` (on its active GPUs: the problem :meth:`Topology.survivors` that the balancer
+  solves), under the topology's policy.
 
   Per packing domain (all experts onto all GPUs; on the hierarchical policy,
-  ``num_groups % num_nodes == 0``, a node's groups onto its GPUs), the
-  heaviest GPU carries at least:
+  a node's groups onto its GPUs), the heaviest GPU carries at least:
 
   * the average, ``sum w / num_gpus``;
   * the heaviest replica, at least water-filling's ``v*``;
@@ -149,11 +150,22 @@ def lower_bound(
 
   On the hierarchical policy, the minimum over the ways to split the groups
   over the nodes of the heaviest node's bound (the global bound where there
-  are more than 2000 ways). Sizes are those of :func:`eplb_jax.rebalance_experts`.
+  are more than 2000 ways). ``topology`` is static.
   """
+  checks.check_topology(topology)
+  if np.ndim(weight) != 2:
+    raise ValueError(f"weight must be 2-D [layers, experts], got shape {np.shape(weight)}")
+  topology.check_experts(np.shape(weight)[1])
+  return _lower_bound(weight, topology.survivors().packing_domains())
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _lower_bound(weight: jax.typing.ArrayLike, domains: Topology) -> jax.Array:
   weight = jnp.asarray(weight, jnp.float32)
   num_layers, num_logical = weight.shape
-  if num_nodes == 1 or num_groups % num_nodes:
+  num_replicas, num_gpus = domains.num_replicas, domains.num_gpus
+  num_groups, num_nodes = domains.num_groups, domains.num_nodes
+  if num_nodes == 1:
     return jax.vmap(lambda w: _domain_bound(w, num_replicas, num_gpus))(weight)
   per_node = num_groups // num_nodes
   if _num_partitions(num_groups, per_node) > _MAX_PARTITIONS:

@@ -2,6 +2,8 @@
 
 Test modules import the plain functions (``from conftest import ...``; pytest
 puts this directory on ``sys.path``), or use the ``assert_valid_placement`` fixture.
+Every test process sees 8 CPU devices, so the multi-device tests (in the heavy tier)
+are ordinary tests; computations without a mesh run on the first device alone.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ _CACHE = os.path.join(tempfile.gettempdir(), f"eplb-jax-tests-{_RUN}")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Before any backend starts: the CPU backend then has NUM_DEVICES devices.
+NUM_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
 
 from eplb_jax import workloads  # noqa: E402
 
@@ -171,3 +176,23 @@ def loads(kind: str, shape: tuple[int, int], seed: int) -> np.ndarray:
 def assert_valid_placement():
   """The :func:`check_placement` helper, as a fixture."""
   return check_placement
+
+
+# The collective operations a compiled program's text may name.
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def collectives(compiled) -> list[str]:
+  """The collective operations that the compiled program ``compiled`` runs."""
+  text = compiled.as_text()
+  return [name for name in COLLECTIVES if name in text]
+
+
+def auto_mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> jax.sharding.Mesh:
+  """A mesh over the first ``prod(shape)`` devices, its axes of type Auto."""
+  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def explicit_mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> jax.sharding.Mesh:
+  """A mesh over the first ``prod(shape)`` devices, its axes of type Explicit."""
+  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Explicit,) * len(shape))

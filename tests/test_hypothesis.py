@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _sharded_checks import moe_mlp
-from _sharded_checks import moe_problem
 from conftest import CONFIGS
 from conftest import check_placement
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from moe_problem import moe_mlp
+from moe_problem import moe_problem
 
 import eplb_jax
 from eplb_jax import cli

@@ -40,25 +40,37 @@ def test_balancedness():
 def test_lower_bound():
   # Layer 0: the average 12 / 2 = 6 dominates; the best 2 extra replicas go to
   # expert 0 (6 -> 3 -> 2), leaving a largest replica of 3.
-  np.testing.assert_allclose(metrics.lower_bound(WEIGHT, 6, 2), [6.0, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.lower_bound(WEIGHT, eplb_jax.Topology(6, 1, 1, 2)), [6.0, 0.0], rtol=1e-6
+  )
   # No redundant slot: the heaviest expert (10) exceeds the average (12 / 2).
   weight = np.array([[10.0, 1.0, 1.0, 0.0]], np.float32)
-  np.testing.assert_allclose(metrics.lower_bound(weight, 4, 2), [10.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.lower_bound(weight, eplb_jax.Topology(4, 1, 1, 2)), [10.0], rtol=1e-6
+  )
   # Two redundant slots both go to expert 0 (10 -> 5 -> 10/3); on 6 GPUs that
   # replica exceeds the average 12 / 6 = 2.
-  np.testing.assert_allclose(metrics.lower_bound(weight, 6, 6), [10.0 / 3.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.lower_bound(weight, eplb_jax.Topology(6, 1, 1, 6)), [10.0 / 3.0], rtol=1e-6
+  )
   # Four redundant slots on 4 GPUs: the average 3 exceeds the largest replica 10 / 5.
-  np.testing.assert_allclose(metrics.lower_bound(weight, 8, 4), [3.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.lower_bound(weight, eplb_jax.Topology(8, 1, 1, 4)), [3.0], rtol=1e-6
+  )
   # Two slots per GPU and no spare slot: the GPU of the 10 holds another
   # expert, at least a 4 (the average is 11).
   weight = np.array([[10.0, 4.0, 4.0, 4.0]], np.float32)
-  np.testing.assert_allclose(metrics.lower_bound(weight, 4, 2), [14.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.lower_bound(weight, eplb_jax.Topology(4, 1, 1, 2)), [14.0], rtol=1e-6
+  )
   # Hierarchical policy, two groups of two on two nodes of one GPU: the two
   # 8s share a GPU (the global bound is 9).
   weight = np.array([[8.0, 8.0, 1.0, 1.0]], np.float32)
-  np.testing.assert_allclose(metrics.lower_bound(weight, 4, 2), [9.0], rtol=1e-6)
   np.testing.assert_allclose(
-    metrics.lower_bound(weight, 4, 2, num_groups=2, num_nodes=2), [16.0], rtol=1e-6
+    metrics.lower_bound(weight, eplb_jax.Topology(4, 1, 1, 2)), [9.0], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    metrics.lower_bound(weight, eplb_jax.Topology(4, 2, 2, 2)), [16.0], rtol=1e-6
   )
 
 
@@ -129,7 +141,7 @@ def test_lower_bound_never_exceeds_the_optimum(sizes):
     ]
   ).astype(np.float32)
   bound = np.asarray(
-    metrics.lower_bound(weight, num_replicas, num_gpus, num_groups=num_groups, num_nodes=num_nodes)
+    metrics.lower_bound(weight, eplb_jax.Topology(num_replicas, num_groups, num_nodes, num_gpus))
   )
   optimum = np.array(
     [_policy_optimum(w, num_replicas, num_groups, num_nodes, num_gpus) for w in weight]

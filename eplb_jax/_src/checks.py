@@ -15,22 +15,36 @@ row (exact, and never done to loads whose sums fit).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eplb_jax._src import elastic
+from eplb_jax._src import placement
+from eplb_jax._src.placement import Placement
+from eplb_jax._src.topology import Topology
+from eplb_jax._src.topology import check_num_gpus
 from eplb_jax._src.topology import check_size
 
 __all__ = [
   "check_counts",
+  "check_gate",
   "check_ids",
+  "check_in_service",
+  "check_loads",
+  "check_mesh",
+  "check_new",
   "check_num_gpus",
+  "check_num_packs",
+  "check_num_replicas",
+  "check_phy2log",
   "check_scalar",
   "check_served",
   "check_size",
   "check_solver",
+  "check_threshold",
+  "check_tolerance",
+  "check_topology",
   "check_weight",
   "check_weight_values",
   "is_concrete",
@@ -157,24 +171,8 @@ def sanitize_weight(weight: jax.Array) -> jax.Array:
   return weight * jax.lax.bitcast_convert_type((127 - shift) << 23, jnp.float32)
 
 
-def check_num_gpus(num_gpus: object, num_slots: int) -> int:
-  """The slots per GPU, ``num_slots / num_gpus``: ``ValueError`` naming ``num_gpus`` unless it
-  is a positive static int that divides ``num_slots``."""
-  num_gpus = check_size(num_gpus, "num_gpus")
-  if num_slots % num_gpus:
-    raise ValueError(f"num_gpus must divide the number of slots ({num_slots}), got {num_gpus}")
-  return num_slots // num_gpus
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _held(phy2log: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
-  """``[L, E]`` whether each layer of ``phy2log`` holds each expert, and whether all do (one
-  dispatch, for an eager call)."""
-  num_layers = phy2log.shape[0]
-  expert = jnp.where(phy2log >= 0, phy2log, num_experts)
-  held = jnp.zeros((num_layers, num_experts + 1), bool)
-  held = held.at[jnp.arange(num_layers)[:, None], expert].set(True)[:, :num_experts]
-  return held, held.all()
+# Jitted: an eager check_served runs one program, not the counts' ops one by one.
+_replica_counts = jax.jit(placement.replica_counts, static_argnums=1)
 
 
 def check_served(phy2log: jax.Array, num_experts: int, name: str) -> None:
@@ -187,8 +185,8 @@ def check_served(phy2log: jax.Array, num_experts: int, name: str) -> None:
   if not is_concrete(phy2log) or not phy2log.size:
     return
   with jax.ensure_compile_time_eval():  # concrete inside a trace too
-    held, every = _held(phy2log, num_experts)
-    if bool(every):
+    held = _replica_counts(phy2log, num_experts) > 0
+    if bool(held.all()):
       return
   layer, expert = np.argwhere(~np.asarray(held))[0]
   raise ValueError(
@@ -276,3 +274,136 @@ def check_counts(counts: jax.typing.ArrayLike) -> jax.Array:
     if (host.astype("int64").sum(-1) >= 2**31).any():
       raise ValueError("counts of one layer must add up to less than 2**31")
   return jnp.asarray(counts).astype(jnp.int32)
+
+
+def check_topology(topology: object) -> Topology:
+  """Static check: ``topology`` is a :class:`Topology`."""
+  if not isinstance(topology, Topology):
+    raise ValueError(f"topology must be a Topology, got {type(topology).__name__}")
+  return topology
+
+
+def check_loads(weight: jax.typing.ArrayLike, topology: Topology, **kwargs) -> jax.Array:
+  """Static and value checks of ``weight``, ``[L, E]`` or a window ``[N, L, E]``, against
+  ``topology`` (``kwargs`` go to :meth:`Topology.check_experts`); returns float32 loads
+  ``[L, E]`` (a window summed over its steps)."""
+  weight = check_weight(weight, window=True)
+  topology.check_experts(weight.shape[-1], **kwargs)
+  check_weight_values(weight)
+  return sum_window(weight)
+
+
+def check_mesh(mesh: object, layer_axis: object) -> None:
+  """Static check: ``mesh`` and ``layer_axis`` are given together or not at all (what they
+  are is :func:`.sharding.check_mesh_axis`'s to check)."""
+  if (mesh is None) != (layer_axis is None):
+    raise ValueError("mesh must be given with layer_axis, and layer_axis with mesh")
+
+
+def check_phy2log(phy2log: jax.typing.ArrayLike, name: str) -> jax.Array:
+  """Static check of a slot map ``[layers, num_replicas]`` of integer ids; returns it as int32."""
+  if np.ndim(phy2log) != 2:
+    raise ValueError(f"{name} must be 2-D [layers, num_replicas], got shape {np.shape(phy2log)}")
+  phy2log = jnp.asarray(phy2log)
+  if not jnp.issubdtype(phy2log.dtype, jnp.integer):
+    raise ValueError(f"{name} must have an integer dtype, got {phy2log.dtype}")
+  return phy2log.astype(jnp.int32)
+
+
+def check_in_service(
+  phy2log: jax.typing.ArrayLike, weight: jax.Array, topology: Topology, name: str
+) -> jax.Array:
+  """Checks a placement in service ``[L, P]``: expert ids in ``[0, E)``, or -1 for an empty slot.
+
+  Returns it as int32, other ids (possible only when traced) as -1.
+  """
+  previous = check_ids(phy2log, name)
+  if np.shape(previous) != (weight.shape[0], topology.num_replicas):
+    raise ValueError(
+      f"{name} must have shape [layers, num_replicas] = "
+      f"{(weight.shape[0], topology.num_replicas)}, got {np.shape(previous)}"
+    )
+  if is_concrete(previous) and previous.size:
+    with jax.ensure_compile_time_eval():  # concrete inside a trace too
+      low, high = int(previous.min()), int(previous.max())
+    if low < -1 or high >= weight.shape[1]:
+      raise ValueError(
+        f"{name} must hold expert ids in [0, {weight.shape[1]}) or -1 for an "
+        f"empty slot, found [{low}, {high}]"
+      )
+  return narrow_ids(previous, weight.shape[1], -1)
+
+
+def check_tolerance(tolerance: jax.typing.ArrayLike) -> jax.Array:
+  """A migration tolerance: a real scalar, eagerly in ``[0, 1)``; returns it as float32."""
+  value = check_scalar(tolerance, "tolerance")
+  if is_concrete(value) and not 0 <= float(value) < 1:
+    raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+  return jnp.asarray(value, jnp.float32)
+
+
+def check_threshold(threshold: jax.typing.ArrayLike) -> jax.Array:
+  """A gate threshold: a real scalar, eagerly finite and ``>= 0``; returns it as float32."""
+  value = check_scalar(threshold, "threshold")
+  if is_concrete(value) and not 0 <= float(value) < np.inf:
+    raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+  return jnp.asarray(value, jnp.float32)
+
+
+def check_gate(
+  weight: jax.typing.ArrayLike,
+  topology: Topology,
+  current_phy2log: jax.typing.ArrayLike,
+  threshold: jax.typing.ArrayLike,
+  per_layer: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The checked ``(weight, current_phy2log, threshold)`` of the gate functions."""
+  check_topology(topology)
+  if not isinstance(per_layer, bool):
+    raise ValueError(f"per_layer must be a bool, got {per_layer!r}")
+  weight = check_loads(weight, topology)
+  current = check_in_service(current_phy2log, weight, topology, "current_phy2log")
+  return weight, current, check_threshold(threshold)
+
+
+def check_new(new: Placement, weight: jax.Array, topology: Topology) -> Placement:
+  """Checks a placement ``new`` of ``weight`` on ``topology``: shapes and dtypes; when
+  concrete, ``phy2log``'s ids and a replica of every expert on the active GPUs in every layer."""
+  num_layers, num_logical = weight.shape
+  want = {
+    "phy2log": (num_layers, topology.num_replicas),
+    "log2phy": (num_layers, num_logical, topology.max_replicas(num_logical)),
+    "logcnt": (num_layers, num_logical),
+  }
+  if not isinstance(new, tuple) or len(new) != 3:
+    raise ValueError(
+      f"new must be a Placement (phy2log, log2phy, logcnt), got {type(new).__name__}"
+    )
+  arrays = []
+  for (name, shape), array in zip(want.items(), new, strict=True):
+    array = check_ids(array, f"new.{name}")
+    if np.shape(array) != shape:
+      raise ValueError(f"new.{name} must have shape {shape}, got {np.shape(array)}")
+    arrays.append(jnp.asarray(array, jnp.int32))
+  # Values, so eager calls only: under jit, gate.gate never takes such a layer of new.
+  phy2log = check_in_service(new[0], weight, topology, "new.phy2log")
+  check_served(elastic.clear_failed(phy2log, topology), num_logical, "new")
+  return Placement(*arrays)
+
+
+def check_num_replicas(num_replicas: object, num_experts: int) -> int:
+  """Static check of the replicas of ``num_experts`` experts: a size ``>= num_experts``."""
+  num_replicas = check_size(num_replicas, "num_replicas")
+  if num_replicas < num_experts:
+    raise ValueError(
+      f"num_replicas must be >= the number of experts ({num_experts}), got {num_replicas}"
+    )
+  return num_replicas
+
+
+def check_num_packs(num_packs: object, num_items: int) -> int:
+  """Static check of a number of packs of ``num_items`` items: a size that divides it."""
+  num_packs = check_size(num_packs, "num_packs")
+  if num_items % num_packs:
+    raise ValueError(f"num_packs must divide the number of items ({num_items}), got {num_packs}")
+  return num_packs

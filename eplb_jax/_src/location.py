@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from eplb_jax._src import checks
 from eplb_jax._src.placement import Placement
+from eplb_jax._src.topology import Topology
 
 
 class ExpertLocation(NamedTuple):
@@ -42,10 +43,10 @@ class ExpertLocation(NamedTuple):
   logical_to_rank_dispatch_physical_map: jax.Array
 
 
-def expert_location(placement: Placement, num_gpus: int, num_nodes: int = 1) -> ExpertLocation:
-  """The :class:`ExpertLocation` of a placement on ``num_gpus`` GPUs over ``num_nodes`` nodes.
+def expert_location(placement: Placement, topology: Topology) -> ExpertLocation:
+  """The :class:`ExpertLocation` of a placement on ``topology``'s GPUs and nodes.
 
-  Pure and jit-friendly: the sizes are static, the maps may be traced (or
+  Pure and jit-friendly: ``topology`` is static, the maps may be traced (or
   sharded over layers), and the result is deterministic. Spreading: the GPUs
   that share a set of candidate replicas take them in turn, GPU by GPU,
   starting at replica ``e mod n`` for expert ``e`` with ``n`` candidates, so
@@ -53,9 +54,9 @@ def expert_location(placement: Placement, num_gpus: int, num_nodes: int = 1) -> 
   expert without a replica (never the case in a balancer's placement) gets -1.
 
   Args:
-    placement: a :class:`Placement`, e.g. from :func:`eplb_jax.rebalance_experts`.
-    num_gpus: GPUs in total; must divide ``P``.
-    num_nodes: nodes; must divide ``num_gpus``.
+    placement: a :class:`Placement`, e.g. from :func:`eplb_jax.rebalance`.
+    topology: the :class:`Topology` it was made for; its ``num_replicas`` must be ``P``
+      (only the slots, GPUs and nodes matter here).
 
   Returns:
     The :class:`ExpertLocation`.
@@ -65,33 +66,31 @@ def expert_location(placement: Placement, num_gpus: int, num_nodes: int = 1) -> 
     >>> import eplb_jax
     >>> topology = eplb_jax.Topology(6, num_groups=1, num_nodes=1, num_gpus=2)
     >>> placement = eplb_jax.rebalance(np.array([[4.0, 1.0, 1.0, 2.0]]), topology)
-    >>> location = eplb_jax.expert_location(placement, num_gpus=2)
+    >>> location = eplb_jax.expert_location(placement, topology)
     >>> location.logical_to_rank_dispatch_physical_map  # [L, GPU, expert]: the slot to send to
     Array([[[0, 1, 4, 2],
             [3, 1, 4, 5]]], dtype=int32)
   """
-  num_gpus = checks.check_size(num_gpus, "num_gpus")
-  num_nodes = checks.check_size(num_nodes, "num_nodes")
+  checks.check_topology(topology)
   phy2log, log2phy, logcnt = placement
   if jnp.ndim(phy2log) != 2 or jnp.ndim(log2phy) != 3 or jnp.ndim(logcnt) != 2:
     raise ValueError(
       "placement must hold phy2log [L, P], log2phy [L, E, X] and logcnt [L, E], got shapes "
       f"{jnp.shape(phy2log)}, {jnp.shape(log2phy)}, {jnp.shape(logcnt)}"
     )
-  num_slots = jnp.shape(phy2log)[1]
-  if num_slots % num_gpus:
-    raise ValueError(f"num_gpus must divide the number of slots ({num_slots}), got {num_gpus}")
-  if num_gpus % num_nodes:
-    raise ValueError(f"num_nodes must divide num_gpus ({num_gpus}), got {num_nodes}")
-  return _expert_location(
-    jnp.asarray(phy2log), jnp.asarray(log2phy), jnp.asarray(logcnt), num_gpus, num_nodes
-  )
+  if jnp.shape(phy2log)[1] != topology.num_replicas:
+    raise ValueError(
+      f"placement must have topology.num_replicas ({topology.num_replicas}) slots, got "
+      f"{jnp.shape(phy2log)[1]}"
+    )
+  return _expert_location(jnp.asarray(phy2log), jnp.asarray(log2phy), jnp.asarray(logcnt), topology)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnums=3)
 def _expert_location(
-  phy2log: jax.Array, log2phy: jax.Array, logcnt: jax.Array, num_gpus: int, num_nodes: int
+  phy2log: jax.Array, log2phy: jax.Array, logcnt: jax.Array, topology: Topology
 ) -> ExpertLocation:
+  num_gpus, num_nodes = topology.num_gpus, topology.num_nodes
   num_slots = phy2log.shape[1]
   num_experts = logcnt.shape[1]
   # Each expert's slots ascending, -1 padding last.

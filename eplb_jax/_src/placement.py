@@ -20,10 +20,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from eplb_jax._src import checks
 from eplb_jax._src import ops
 from eplb_jax._src.modes import Mode
 from eplb_jax._src.topology import Topology
+from eplb_jax._src.topology import check_num_gpus
 
 
 class Placement(NamedTuple):
@@ -49,7 +49,7 @@ class Placement(NamedTuple):
   def gpu_experts(self, num_gpus: int) -> jax.Array:
     """``[L, num_gpus, P / num_gpus]``: the experts each GPU holds, slot by slot."""
     num_layers, num_slots = self.phy2log.shape
-    return self.phy2log.reshape(num_layers, num_gpus, checks.check_num_gpus(num_gpus, num_slots))
+    return self.phy2log.reshape(num_layers, num_gpus, check_num_gpus(num_gpus, num_slots))
 
   def replica_loads(self, weight: jax.typing.ArrayLike) -> jax.Array:
     """``[L, P]`` float32: the load each slot serves, ``weight[e] / logcnt[e]`` for its expert."""
@@ -75,7 +75,7 @@ def gpu_loads(
   """``[L, num_gpus]``: each GPU's load, the sum of its slots' :func:`replica_loads`."""
   slot_load = replica_loads(weight, phy2log, logcnt)
   num_layers, num_slots = slot_load.shape
-  per_gpu = checks.check_num_gpus(num_gpus, num_slots)  # explicit: -1 fails on zero layers
+  per_gpu = check_num_gpus(num_gpus, num_slots)  # explicit: -1 fails on zero layers
   return slot_load.reshape(num_layers, num_gpus, per_gpu).sum(-1)
 
 

@@ -39,6 +39,15 @@ def check_size(value: object, name: str) -> int:
   return size
 
 
+def check_num_gpus(num_gpus: object, num_slots: int) -> int:
+  """The slots per GPU, ``num_slots / num_gpus``: ``ValueError`` naming ``num_gpus`` unless it
+  is a positive static int that divides ``num_slots``."""
+  num_gpus = check_size(num_gpus, "num_gpus")
+  if num_slots % num_gpus:
+    raise ValueError(f"num_gpus must divide the number of slots ({num_slots}), got {num_gpus}")
+  return num_slots // num_gpus
+
+
 @dataclasses.dataclass(frozen=True)
 class Topology:
   """Physical expert slots laid out over GPUs, GPUs over nodes, experts in groups.

@@ -61,17 +61,6 @@ DISPATCH_MODES = ("sglang", "first", "eplb_jax")
 # ------------------------------------------------------------------ helpers
 
 
-def _name(source: Any) -> str:
-  """How an error message names a source: its path, or the start of inline JSON text."""
-  if isinstance(source, os.PathLike):
-    return str(source)
-  text = str(source)
-  if text.lstrip().startswith(("{", "[")):
-    short = text if len(text) <= 40 else text[:37] + "..."
-    return f"inline JSON {short!r}"
-  return text
-
-
 def _numeric_array(value: Any, where: str, key: str) -> np.ndarray:
   """``value`` (nested lists, NumPy array or torch tensor) as a real-valued NumPy array."""
   if hasattr(value, "detach"):  # a torch tensor
@@ -119,76 +108,6 @@ def _check_experts(loads: np.ndarray, where: str, num_logical_experts: int | Non
   return loads
 
 
-def _torch_load(path: Path) -> Any:
-  if not path.is_file():
-    raise ValueError(f"{path}: no such file")
-  try:
-    import torch
-  except ImportError:
-    raise ImportError(f"{path}: reading .pt files needs torch (pip install torch)") from None
-  try:
-    # weights_only: tensors, numbers, strings and containers; no arbitrary objects.
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as error:  # torch raises many types on corrupt or unsafe files
-    raise ValueError(
-      f"{path}: not a torch.save file of tensors and plain containers "
-      f"(torch.load with weights_only=True failed: {type(error).__name__}: {error})"
-    ) from None
-
-
-def _json_load(source: PathLike) -> tuple[Any, str]:
-  """Parses a ``.json`` file, or inline JSON text; returns the value and a name for errors."""
-  where = _name(source)
-  if isinstance(source, os.PathLike) or str(source).endswith(".json"):
-    path = Path(source)
-    if not path.is_file():
-      raise ValueError(f"{where}: no such file")
-    try:
-      text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-      raise ValueError(f"{where}: cannot read the file as text ({error})") from None
-  else:
-    text = str(source)
-  try:
-    return json.loads(text), where
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{where}: not valid JSON ({error})") from None
-
-
-def npy_is_pickled(path: Path) -> bool:
-  """Whether a ``.npy`` file holds an object (pickled) array, read from its header alone."""
-  try:
-    with path.open("rb") as file:
-      version = np.lib.format.read_magic(file)
-      if version == (1, 0):
-        _, _, dtype = np.lib.format.read_array_header_1_0(file)
-      else:
-        _, _, dtype = np.lib.format.read_array_header_2_0(file)
-  except Exception as error:  # short reads, bad magic, unparsable headers: several types
-    raise ValueError(f"{path}: not a NumPy .npy file ({error})") from None
-  return dtype.hasobject
-
-
-def _npy_load(path: Path, allow_pickle: bool, what: str) -> Any:
-  """A ``.npy`` file's array, or the object a pickled 0-d array holds."""
-  if not path.is_file():
-    raise ValueError(f"{path}: no such file")
-  if npy_is_pickled(path) and not allow_pickle:
-    raise ValueError(
-      f"{path}: holds a pickled object ({what}); loading it runs code from the file, "
-      "so pass allow_pickle=True (eplb-jax plan: --allow-pickle) if you trust it"
-    )
-  try:
-    array = np.load(path, allow_pickle=allow_pickle)
-  except Exception as error:  # truncated data, bad pickles: many types
-    raise ValueError(
-      f"{path}: cannot load the .npy file ({type(error).__name__}: {error})"
-    ) from None
-  if array.dtype.hasobject and array.ndim == 0:
-    return array.item()
-  return array
-
-
 # ------------------------------------------------------------------ loads
 
 
@@ -215,7 +134,7 @@ def read_recorder_dump(path: PathLike, *, num_logical_experts: int | None = None
     ImportError: torch is not installed.
   """
   path = Path(path)
-  data = _torch_load(path)
+  data = files.read_torch(path)
   if not isinstance(data, dict):
     raise ValueError(f"{path}: expected a dict with {LOGICAL_COUNT!r}, got {type(data).__name__}")
   if LOGICAL_COUNT not in data:
@@ -247,7 +166,7 @@ def read_logical_count_json(
       ``physical_to_logical_map`` file is a placement: see
       :func:`read_physical_to_logical_map`), wrong shape or values.
   """
-  data, where = _json_load(source)
+  data, where = files.read_json(source), files.source_name(source)
   if not isinstance(data, dict):
     raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
   if LOGICAL_COUNT not in data:
@@ -288,7 +207,7 @@ def read_sglang_jax_dump(
       ``logical_count``, wrong shape or values.
   """
   path = Path(path)
-  data = _npy_load(path, allow_pickle, f"a dict with {LOGICAL_COUNT!r}")
+  data = files.read_npy(path, allow_pickle, f"a dict with {LOGICAL_COUNT!r}")
   if isinstance(data, np.ndarray):
     raise ValueError(
       f"{path}: a bare array of shape {data.shape}, which sglang-jax reads as a "
@@ -315,7 +234,7 @@ def read_loads(
   Raises:
     ValueError: as the chosen reader, or for an unknown suffix.
   """
-  suffix = Path(source).suffix if not _name(source).startswith("inline JSON") else ""
+  suffix = files.source_suffix(source)
   if suffix == ".pt":
     return read_recorder_dump(source, num_logical_experts=num_logical_experts)
   if suffix == ".npy":
@@ -324,7 +243,9 @@ def read_loads(
     )
   if suffix == ".json" or not suffix:
     return read_logical_count_json(source, num_logical_experts=num_logical_experts)
-  raise ValueError(f"{_name(source)}: unknown load file type {suffix!r} (.pt, .npy or .json)")
+  raise ValueError(
+    f"{files.source_name(source)}: unknown load file type {suffix!r} (.pt, .npy or .json)"
+  )
 
 
 # ------------------------------------------------------------------ placements
@@ -419,16 +340,15 @@ def read_physical_to_logical_map(
     ValueError: unreadable file, no ``physical_to_logical_map``, or a map
       that is not a complete placement.
   """
-  where = _name(source)
-  suffix = "" if where.startswith("inline JSON") else Path(source).suffix
+  where, suffix = files.source_name(source), files.source_suffix(source)
   if suffix == ".pt":
-    data = _torch_load(Path(source))
+    data = files.read_torch(Path(source))
   elif suffix == ".npy":
-    data = _npy_load(Path(source), allow_pickle, f"a dict with {PHYSICAL_TO_LOGICAL_MAP!r}")
+    data = files.read_npy(Path(source), allow_pickle, f"a dict with {PHYSICAL_TO_LOGICAL_MAP!r}")
     if isinstance(data, np.ndarray):
       data = {PHYSICAL_TO_LOGICAL_MAP: data}
   elif suffix in (".json", ""):
-    data, where = _json_load(source)
+    data = files.read_json(source)
   else:
     raise ValueError(f"{where}: unknown placement file type {suffix!r} (.json, .pt or .npy)")
   if not isinstance(data, dict) or PHYSICAL_TO_LOGICAL_MAP not in data:
@@ -642,9 +562,8 @@ def expert_location_metadata(
     rank_dispatch = all_physical[:, :, 0]
   elif dispatch == "eplb_jax":
     # expert_location needs each expert's slots, in any order and width: all_physical.
-    location = eplb_jax.expert_location(
-      eplb_jax.Placement(phy2log, all_physical, count), ep_size, num_nodes
-    )
+    topology = eplb_jax.Topology(phy2log.shape[1], 1, num_nodes, ep_size)
+    location = eplb_jax.expert_location(eplb_jax.Placement(phy2log, all_physical, count), topology)
     rank_dispatch = np.asarray(location.logical_to_rank_dispatch_physical_map[:, ep_rank])
   else:
     rank_dispatch = sglang_dispatch_map(

@@ -60,6 +60,7 @@ import jax
 import numpy as np
 
 import eplb_jax
+from eplb_jax._src import checks
 from eplb_jax._src import modes
 
 if TYPE_CHECKING:
@@ -191,19 +192,9 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 
 
 def _loads_to_numpy(weight: Any) -> np.ndarray:
-  """Validates the loads ``[L, E]`` eagerly (the traced path would zero bad values) as float32."""
-  loads = _to_numpy(weight)
-  if loads.ndim != 2:
-    raise ValueError(f"weight must be 2-D [layers, experts], got shape {loads.shape}")
-  if loads.dtype == np.bool_ or not (
-    np.issubdtype(loads.dtype, np.integer) or np.issubdtype(loads.dtype, np.floating)
-  ):
-    raise ValueError(f"weight must have an integer or float dtype, got {loads.dtype}")
-  loads = loads.astype(np.float32)
-  if not np.all(np.isfinite(loads)):
-    raise ValueError("weight must be finite, found NaN or inf loads")
-  if np.any(loads < 0):
-    raise ValueError("weight must be non-negative, found negative loads")
+  """The loads ``[L, E]`` as float32, checked eagerly (the traced path would zero bad values)."""
+  loads = checks.check_weight(_to_numpy(weight))
+  checks.check_weight_values(loads)
   return loads
 
 

@@ -13,7 +13,7 @@ must receive the weights of every replica it hosts that another device
 holds; XLA's SPMD partitioner compiles this data-dependent gather as an
 all-gather of the source over ``expert_axis`` followed by a local gather, so
 each device receives the ``n - 1`` shards it lacks, whatever the placement
-(the compiled program of ``tests/test_weights.py`` shows exactly that). A
+(the compiled program of ``tests/runtime/test_params.py`` shows exactly that). A
 source replicated on every device needs no communication. Re-laying out thus
 costs about one all-gather of the expert weights: do it every few hundred
 steps, not every step.

@@ -63,7 +63,7 @@ def test_first_dispatch_is_sglang_jax(placement):
 
 
 def test_eplb_jax_dispatch_is_expert_locations_row(result):
-  location = eplb_jax.expert_location(result, GPUS, NODES)
+  location = eplb_jax.expert_location(result, eplb_jax.Topology(P, GROUPS, NODES, GPUS))
   for rank in (0, GPUS - 1):
     fields = sglang.expert_location_metadata(
       result.phy2log, E, ep_size=GPUS, ep_rank=rank, num_nodes=NODES, dispatch="eplb_jax"

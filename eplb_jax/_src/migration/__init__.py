@@ -21,6 +21,8 @@ no placement of a node (:func:`.warm.repair_counts`: an expert whose replicas
 were all on a failed GPU gets one back from the expert that loses least), used
 when all its nodes meet the target and it moves fewer replicas. Finally
 every GPU puts the experts it keeps back in their old slots.
+
+:func:`migration_cost` is the public measure of a change (:mod:`.cost`).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from eplb_jax._src import checks
 from eplb_jax._src import placement
+from eplb_jax._src.migration import cost
 from eplb_jax._src.migration import relabel
 from eplb_jax._src.migration import warm
-from eplb_jax._src.migration.cost import migration_cost
 from eplb_jax._src.modes import Mode
 from eplb_jax._src.topology import Topology
 
@@ -106,7 +109,7 @@ def migrate(
   phy2log = phy2log.reshape(num_layers, num_replicas)
   stay = candidate[num_layers:].reshape(num_layers, num_replicas)
   better = (candidate_max[num_layers:] <= target[:, None]).all(-1) & (
-    migration_cost(old, stay, num_gpus)[0] < migration_cost(old, phy2log, num_gpus)[0]
+    cost.migration_cost(old, stay, num_gpus)[0] < cost.migration_cost(old, phy2log, num_gpus)[0]
   )
   phy2log = jnp.where(better[:, None], stay, phy2log)
 
@@ -114,3 +117,44 @@ def migrate(
     old.reshape(num_layers, num_gpus, -1), phy2log.reshape(num_layers, num_gpus, -1)
   ).reshape(num_layers, num_replicas)
   return placement.from_phy2log(phy2log, num_logical)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _migration_cost(old: jax.Array, new: jax.Array, num_gpus: int):
+  return cost.migration_cost(old, new, num_gpus)
+
+
+def migration_cost(
+  old_phy2log: jax.typing.ArrayLike, new_phy2log: jax.typing.ArrayLike, num_gpus: int
+) -> tuple[jax.Array, jax.Array]:
+  """Replicas a placement change moves onto GPUs, and slots it rewrites.
+
+  Args:
+    old_phy2log: ``[L, P]`` expert of each slot before (``P / num_gpus``
+      consecutive slots per GPU).
+    new_phy2log: ``[L, P]`` expert of each slot after.
+    num_gpus: GPUs in total; must divide ``P``.
+
+  Returns:
+    ``(moved, changed_slots)``, int32 ``[L]``: ``moved`` counts the replicas
+    that must arrive on a GPU, i.e. per GPU and expert the copies the GPU holds
+    after beyond those it held before (a GPU that had expert 3 once and now has
+    it twice receives one replica; an empty slot, -1, receives none);
+    ``changed_slots`` counts the slots whose expert changes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import eplb_jax
+    >>> old = jnp.array([[0, 1, 2, 3]])  # two slots per GPU on 2 GPUs
+    >>> eplb_jax.migration_cost(old, jnp.array([[1, 0, 2, 3]]), num_gpus=2)  # within GPU 0
+    (Array([0], dtype=int32), Array([2], dtype=int32))
+    >>> eplb_jax.migration_cost(old, jnp.array([[0, 2, 1, 3]]), num_gpus=2)  # across GPUs
+    (Array([2], dtype=int32), Array([2], dtype=int32))
+  """
+  old = checks.check_phy2log(old_phy2log, "old_phy2log")
+  new = checks.check_phy2log(new_phy2log, "new_phy2log")
+  if old.shape != new.shape:
+    raise ValueError(f"new_phy2log must have the shape of old_phy2log {old.shape}, got {new.shape}")
+  num_gpus = checks.check_size(num_gpus, "num_gpus")
+  checks.check_num_gpus(num_gpus, new.shape[1])
+  return _migration_cost(old, new, num_gpus)

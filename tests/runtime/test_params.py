@@ -1,4 +1,4 @@
-"""Applying a placement to stacked expert parameters."""
+"""Applying a placement to stacked expert parameters; on an 8-device mesh in the heavy tier."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _sharded_checks import CHECKS
-from _sharded_checks import run_checks
+from conftest import auto_mesh
+from conftest import collectives
+from conftest import explicit_mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import eplb_jax
+from eplb_jax import workloads
 from eplb_jax.runtime import params
 
 
@@ -167,12 +172,48 @@ class RelayoutStateTest(chex.TestCase):
     chex.assert_trees_all_equal(moved[0].count, state[0].count)
 
 
-@pytest.fixture(scope="module")
-def results() -> dict[str, str]:
-  return run_checks("params")
+def expert_params(num_layers, num_experts):
+  size = num_layers * num_experts
+  return {
+    "w": jnp.arange(size * 6, dtype=jnp.float32).reshape(num_layers, num_experts, 2, 3),
+    "b": jnp.arange(size, dtype=jnp.float32).reshape(num_layers, num_experts),
+  }
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("name", CHECKS["params"])
-def test_on_eight_devices(results, name):
-  assert results.get(name) == "ok", results.get(name, f"check {name} did not run")
+@pytest.mark.parametrize("make_mesh", [auto_mesh, explicit_mesh], ids=["auto", "explicit"])
+def test_placement_sharded_over_experts(make_mesh):
+  # 2 layers, 16 experts on 24 slots over 8 GPUs.
+  sizes = (24, 4, 2, 8)
+  weight = workloads.skewed_loads(2, 16, seed=0)
+  phy2log, log2phy, _ = eplb_jax.rebalance_experts(weight, *sizes)
+  logical = expert_params(2, 16)
+  expected = numpy_gather(logical, phy2log)
+  mesh = make_mesh((8,), ("expert",))
+  source = jax.device_put(logical, NamedSharding(mesh, P(None, "expert")))
+  fn = jax.jit(lambda p, i: params.apply_placement(p, i, mesh=mesh))
+  for out in (fn(source, phy2log), params.apply_placement(source, phy2log, mesh=mesh)):
+    chex.assert_trees_all_equal(out, expected)
+    for leaf in jax.tree.leaves(out):
+      assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "expert")), leaf.ndim), (
+        leaf.sharding
+      )
+  # The communication the docstring of eplb_jax.runtime.params states.
+  found = collectives(fn.lower(source, phy2log).compile())
+  assert found == ["all-gather"], found
+  replicated = jax.device_put(logical, NamedSharding(mesh, P()))
+  found = collectives(fn.lower(replicated, phy2log).compile())
+  assert not found, found
+  moved = jax.jit(lambda p: params.relayout(p, log2phy, phy2log, mesh=mesh))
+  chex.assert_trees_all_equal(moved(fn(source, phy2log)), expected)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize(
+  ("axis", "message"), [("expert", "expert_axis"), ("e", r"number of slots \(20\)")]
+)
+def test_bad_expert_axis(axis, message):
+  mesh = auto_mesh((8,), ("e",))
+  phy2log = jnp.zeros((2, 20), jnp.int32)
+  with pytest.raises(ValueError, match=message):
+    params.apply_placement(expert_params(2, 16), phy2log, mesh=mesh, expert_axis=axis)

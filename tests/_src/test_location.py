@@ -12,18 +12,19 @@ import eplb_jax
 # 3 layers x 16 experts onto 24 slots, 4 groups, 2 nodes x 4 GPUs x 3 slots.
 L, E, P, GROUPS, NODES, GPUS = 3, 16, 24, 4, 2, 8
 SLOTS_PER_GPU, GPUS_PER_NODE = P // GPUS, GPUS // NODES
+TOPOLOGY = eplb_jax.Topology(P, GROUPS, NODES, GPUS)
 
 
 @pytest.fixture(scope="module")
 def placement():
   rng = np.random.default_rng(0)
   weight = rng.gamma(0.7, 300.0, (L, E)) + 1
-  return eplb_jax.rebalance_experts(weight, P, GROUPS, NODES, GPUS)
+  return eplb_jax.rebalance(weight, TOPOLOGY)
 
 
 @pytest.fixture(scope="module")
 def location(placement):
-  return eplb_jax.expert_location(placement, GPUS, NODES)
+  return eplb_jax.expert_location(placement, TOPOLOGY)
 
 
 def test_fields(placement, location):
@@ -66,10 +67,10 @@ def test_dispatch_prefers_gpu_then_node_and_spreads_the_rest(placement, location
 
 
 def test_jit_and_numpy_input(placement, location):
-  jitted = jax.jit(eplb_jax.expert_location, static_argnums=(1, 2))(placement, GPUS, NODES)
+  jitted = jax.jit(eplb_jax.expert_location, static_argnums=1)(placement, TOPOLOGY)
   chex.assert_trees_all_equal(tuple(jitted), tuple(location))
   host = eplb_jax.Placement(*(np.asarray(field) for field in placement))
-  chex.assert_trees_all_equal(tuple(eplb_jax.expert_location(host, GPUS, NODES)), tuple(location))
+  chex.assert_trees_all_equal(tuple(eplb_jax.expert_location(host, TOPOLOGY)), tuple(location))
 
 
 def test_one_node_spreads_over_all_replicas():
@@ -79,16 +80,23 @@ def test_one_node_spreads_over_all_replicas():
   log2phy[0, 0] = [0, 1, 2]
   log2phy[0, 1:, 0] = [3, 4, 5, 6, 7]
   placement = eplb_jax.Placement(phy2log, log2phy, np.array([[3, 1, 1, 1, 1, 1]]))
-  location = eplb_jax.expert_location(placement, 4)
+  location = eplb_jax.expert_location(placement, eplb_jax.Topology(8, 1, 1, 4))
   np.testing.assert_array_equal(
     location.logical_to_rank_dispatch_physical_map[0, :, 0], [0, 2, 0, 1]
   )
 
 
 @pytest.mark.parametrize(
-  ("num_gpus", "num_nodes", "message"),
-  [(5, 1, "num_gpus must divide"), (8, 3, "num_nodes must divide"), (0, 1, "num_gpus")],
+  ("topology", "message"),
+  [
+    ((P, GROUPS, NODES, GPUS), "topology must be a Topology"),
+    (
+      eplb_jax.Topology(2 * P, GROUPS, NODES, GPUS),
+      r"placement must have topology.num_replicas \(48\)",
+    ),
+  ],
+  ids=["sizes", "other-slots"],
 )
-def test_bad_sizes(placement, num_gpus, num_nodes, message):
+def test_bad_topology(placement, topology, message):
   with pytest.raises(ValueError, match=message):
-    eplb_jax.expert_location(placement, num_gpus, num_nodes)
+    eplb_jax.expert_location(placement, topology)

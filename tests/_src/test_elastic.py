@@ -93,7 +93,7 @@ def _check_on_active_gpus(placement, weight, topology):
   slots = np.asarray(dispatch.physical_slots(log2phy, logcnt, ids))
   assert not np.any(dead[slots])
   chex.assert_trees_all_equal(dispatch.logical_experts(phy2log, slots), ids)
-  location = eplb_jax.expert_location(placement, num_gpus, topology.num_nodes)
+  location = eplb_jax.expert_location(placement, topology)
   targets = np.asarray(location.logical_to_rank_dispatch_physical_map)
   assert np.all(targets >= 0) and not np.any(dead[targets])
 

@@ -1,7 +1,6 @@
-"""The expert-parallel MoE layer, its logical reference, and the training examples.
+"""The expert-parallel MoE layer and its logical reference.
 
-The layer itself needs a mesh of 8 devices: those checks run in one subprocess
-(``_sharded_checks.py moe``), which also trains the examples briefly.
+The layer on a mesh of 8 devices is tested in the heavy tier; on one device, by default.
 """
 
 from __future__ import annotations
@@ -13,14 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _sharded_checks import CHECKS
-from _sharded_checks import moe_mlp
-from _sharded_checks import moe_problem
-from _sharded_checks import run_checks
+from conftest import auto_mesh
+from moe_problem import MOE_EXPERTS
+from moe_problem import MOE_TOKENS
+from moe_problem import moe_mlp
+from moe_problem import moe_placement
+from moe_problem import moe_problem
 
 import eplb_jax
 from eplb_jax.runtime import dispatch
 from eplb_jax.runtime import moe
+from eplb_jax.runtime import params
 
 
 @pytest.mark.parametrize(
@@ -153,18 +155,93 @@ def test_params_of_another_slot_count_raise():
     _one_device_layer(x, gates, ids, logical, placement._replace(log2phy=placement.log2phy[None]))
 
 
-@pytest.fixture(scope="module")
-def results() -> dict[str, str]:
-  return run_checks("moe")
+@functools.cache
+def moe_value_and_grad(logical_model, capacity_factor, split="even"):
+  """Jitted ``(x, weights, gates, ids, log2phy, logcnt) -> ((y, stats), (dx, dweights))``, on 8
+  devices or (``logical_model``) the reference for 8 GPUs.
+
+  ``y`` and its gradients are of ``sum(y * cos(y))``, which weighs every output differently.
+  """
+  mesh = auto_mesh((8,), ("expert",))
+
+  def objective(x, weights, gates, ids, log2phy, logcnt):
+    args = (x, gates, ids, weights, moe_mlp, log2phy, logcnt)
+    kwargs = {"capacity_factor": capacity_factor, "split": split}
+    if logical_model:
+      y, stats = moe.moe_reference(*args, num_gpus=8, **kwargs)
+    else:
+      y, stats = moe.moe_layer(*args, mesh=mesh, **kwargs)
+    return jnp.sum(y * jnp.cos(y)), (y, stats)
+
+  grad = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+  return jax.jit(lambda *a: (lambda r: (r[0][1], r[1]))(grad(*a)))
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("name", CHECKS["moe"])
-def test_on_eight_devices(results, name):
-  result = results.get(name, f"check {name} did not run")
-  if result.startswith("skipped: "):
-    pytest.skip(result.removeprefix("skipped: "))
-  assert result == "ok", result
+@pytest.mark.parametrize("split", moe.SPLITS)
+@pytest.mark.parametrize("capacity_factor", [1.0, None], ids=["drops", "dropless"])
+def test_layer_on_eight_devices_equals_reference(split, capacity_factor):
+  """Outputs, gradients and stats are the logical reference's, with and without drops."""
+  logical, x, gates, ids, placement = moe_problem()
+  mesh = auto_mesh((8,), ("expert",))
+  per_slot = params.apply_placement(logical, placement.phy2log, mesh=mesh)
+  maps = (placement.log2phy, placement.logcnt)
+  (y, stats), (dx, dw) = moe_value_and_grad(False, capacity_factor, split)(
+    x, per_slot, gates, ids, *maps
+  )
+  (ref, ref_stats), (ref_dx, ref_dw) = moe_value_and_grad(True, capacity_factor, split)(
+    x, logical, gates, ids, *maps
+  )
+  chex.assert_trees_all_equal(stats, ref_stats)
+  assert (int(stats.dropped.sum()) > 0) == (capacity_factor is not None), stats.dropped
+  chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
+  summed = params.sum_replicas(dw, placement.phy2log, MOE_EXPERTS)
+  expected = params.apply_placement(ref_dw, placement.phy2log)
+  chex.assert_trees_all_close(summed, expected, rtol=1e-5, atol=1e-6)
+  if split == "balanced":
+    # Every slot receives its quota of the step's split: the GPUs carry its loads.
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=MOE_EXPERTS)
+    quotas = eplb_jax.split_tokens(counts[None], placement.phy2log[None], 8)[0]
+    np.testing.assert_array_equal(stats.routed.sum(0), quotas)
+  if capacity_factor is None:
+    # Without drops: the plain logical MoE, every token's choices weighted by its gates.
+    every = jax.vmap(moe_mlp, in_axes=(0, None))(logical, x)  # [E, T, d]
+    plain = jnp.einsum("tk,tkd->td", gates, every[ids, jnp.arange(MOE_TOKENS)[:, None]])
+    chex.assert_trees_all_close(y, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.heavy
+def test_adam_step_after_rebalance_matches_logical():
+  optax = pytest.importorskip("optax")
+  logical, x, gates, ids, new = moe_problem()
+  old = moe_placement(np.ones(MOE_EXPERTS), seed=1)
+  assert not np.array_equal(old.phy2log, new.phy2log)
+  mesh = auto_mesh((8,), ("expert",))
+  adam = optax.adam(1e-2)
+
+  def step(weights, opt_state, placement, logical_model):
+    maps = (placement.log2phy, placement.logcnt)
+    _, (_, grads) = moe_value_and_grad(logical_model, 1.0)(x, weights, gates, ids, *maps)
+    if not logical_model:
+      grads = params.sum_replicas(grads, placement.phy2log, MOE_EXPERTS, mesh=mesh)
+    updates, opt_state = adam.update(grads, opt_state, weights)
+    return optax.apply_updates(weights, updates), opt_state
+
+  per_slot = params.apply_placement(logical, old.phy2log, mesh=mesh)
+  ep, ep_state = step(per_slot, adam.init(per_slot), old, False)
+  ref, ref_state = step(logical, adam.init(logical), old, True)
+  ep_state = params.relayout_state(ep_state, ep, old.log2phy, new.phy2log, mesh=mesh)
+  ep = params.relayout(ep, old.log2phy, new.phy2log, mesh=mesh)
+  ep, ep_state = step(ep, ep_state, new, False)
+  ref, ref_state = step(ref, ref_state, new, True)
+  placed = functools.partial(params.apply_placement, phy2log=new.phy2log)
+  chex.assert_trees_all_close(ep, placed(ref), rtol=1e-6, atol=1e-7)
+  # The moments carry the gradients' rounding (replica sums and logical sums add in
+  # different orders), amplified where a gradient entry cancels to near zero.
+  chex.assert_trees_all_close(ep_state[0].mu, placed(ref_state[0].mu), rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(ep_state[0].nu, placed(ref_state[0].nu), rtol=1e-4, atol=1e-10)
+  chex.assert_trees_all_equal(ep_state[0].count, ref_state[0].count)
 
 
 @pytest.mark.heavy  # about 12 s of compiles; the one-device layer check stays in the default run
