@@ -280,8 +280,8 @@ def bad_expert_axis():
 MOE_EXPERTS, MOE_SLOTS, MOE_TOKENS, MOE_DIMS, MOE_TOP_K = 8, 16, 128, (8, 16), 2
 
 
-def moe_mlp(p, x):
-  return jax.nn.relu(x @ p["w_in"]) @ p["w_out"]
+# The ready ReLU MLP: one slot's rows, or (with group_sizes) a device's slots on ragged groups.
+moe_mlp = moe.expert_mlp
 
 
 def moe_placement(load, seed=0):
@@ -315,7 +315,7 @@ def moe_problem(seed=0):
 
 
 @functools.cache
-def moe_value_and_grad(logical_model, capacity_factor, split="even"):
+def moe_value_and_grad(logical_model, capacity_factor, split="even", capacity_per="slot"):
   """Jitted ``(x, weights, gates, ids, log2phy, logcnt) -> ((y, stats), (dx, dweights))``.
 
   ``y`` and its gradients are of ``sum(y * cos(y))``, which weighs every output differently.
@@ -324,7 +324,7 @@ def moe_value_and_grad(logical_model, capacity_factor, split="even"):
 
   def objective(x, weights, gates, ids, log2phy, logcnt):
     args = (x, gates, ids, weights, moe_mlp, log2phy, logcnt)
-    kwargs = {"capacity_factor": capacity_factor, "split": split}
+    kwargs = {"capacity_factor": capacity_factor, "split": split, "capacity_per": capacity_per}
     if logical_model:
       y, stats = moe.moe_reference(*args, num_gpus=8, **kwargs)
     else:
@@ -335,26 +335,35 @@ def moe_value_and_grad(logical_model, capacity_factor, split="even"):
   return jax.jit(lambda *a: (lambda r: (r[0][1], r[1]))(grad(*a)))
 
 
-def layer_equals_reference(split):
+def layer_equals_reference(split, capacity_per="slot"):
   """The layer's outputs, gradients and stats are the logical reference's, with and without
-  drops, for ``split``."""
+  drops, for ``split`` and ``capacity_per``."""
   logical, x, gates, ids, placement = moe_problem()
   mesh = auto_mesh((8,), ("expert",))
   per_slot = params.apply_placement(logical, placement.phy2log, mesh=mesh)
   maps = (placement.log2phy, placement.logcnt)
-  for factor in (1.0, None):
-    grad = moe_value_and_grad(False, factor, split)
+  # Per device, the weight gradients of the ragged products sum their rows in another order
+  # than the logical model's; entries that cancel to ~1e-3 then differ by ~1e-6.
+  weight_atol = 1e-6 if capacity_per == "slot" else 1e-5
+  for factor in (1.0, 1.25, None):
+    grad = moe_value_and_grad(False, factor, split, capacity_per)
     (y, stats), (dx, dw) = grad(x, per_slot, gates, ids, *maps)
-    (ref, ref_stats), (ref_dx, ref_dw) = moe_value_and_grad(True, factor, split)(
+    (ref, ref_stats), (ref_dx, ref_dw) = moe_value_and_grad(True, factor, split, capacity_per)(
       x, logical, gates, ids, *maps
     )
     chex.assert_trees_all_equal(stats, ref_stats)
-    assert (int(stats.dropped.sum()) > 0) == (factor is not None), stats.dropped
+    if capacity_per == "slot":
+      assert (int(stats.dropped.sum()) > 0) == (factor is not None), stats.dropped
+    else:
+      # Each device keeps min(its pairs, capacity): drops are what its load exceeds it by.
+      capacity = moe.device_capacity(MOE_TOKENS // 8, MOE_TOP_K, 8, factor)
+      per_device = stats.dropped.sum(0).reshape(8, -1).sum(-1)
+      np.testing.assert_array_equal(per_device, np.maximum(stats.gpu_tokens() - capacity, 0))
     chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
     summed = params.sum_replicas(dw, placement.phy2log, MOE_EXPERTS)
     expected = params.apply_placement(ref_dw, placement.phy2log)
-    chex.assert_trees_all_close(summed, expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(summed, expected, rtol=1e-5, atol=weight_atol)
     if split == "balanced":
       # Every slot receives its quota of the step's split: the GPUs carry its loads.
       counts = np.bincount(np.asarray(ids).ravel(), minlength=MOE_EXPERTS)
@@ -374,6 +383,48 @@ def layer_equals_logical_reference():
 @check("moe")
 def balanced_split_layer_equals_logical_reference():
   layer_equals_reference("balanced")
+
+
+@check("moe")
+def device_capacity_layer_equals_logical_reference():
+  layer_equals_reference("even", "device")
+
+
+@check("moe")
+def device_capacity_balanced_split_layer_equals_logical_reference():
+  layer_equals_reference("balanced", "device")
+
+
+@check("moe")
+def padded_exchange_follows_ragged_all_to_all_semantics():
+  # The padded all_to_all stands in for jax.lax.ragged_all_to_all on XLA:CPU: the result its
+  # docstring specifies, for random chunks (each device sends 3 chunks to every device).
+  mesh = auto_mesh((8,), ("x",))
+  num, chunks, rows, width = 8, 3, 100, 2
+  rng = np.random.default_rng(0)
+  sizes = rng.integers(0, 4, (num, num, chunks)).astype(np.int32)  # [sender, receiver, chunk]
+  send_sizes = sizes.reshape(num, -1)
+  # Senders' chunks at gapped offsets; receivers' chunks packed in (sender, chunk) order.
+  input_offsets = (np.cumsum(send_sizes + 1, -1) - send_sizes - 1).astype(np.int32)
+  recv_sizes = sizes.transpose(1, 0, 2).reshape(num, -1)  # [receiver, sender * chunk]
+  recv_at = (np.cumsum(recv_sizes, -1) - recv_sizes).reshape(num, num, chunks)
+  output_offsets = recv_at.transpose(1, 0, 2).reshape(num, -1).astype(np.int32)
+  operand = rng.normal(size=(num, rows, width)).astype(np.float32)
+  output = np.full((num, rows, width), -1.0, np.float32)
+  expected = output.copy()
+  for s, r, c in np.ndindex(num, num, chunks):
+    n, src, dst = sizes[s, r, c], input_offsets[s, r * chunks + c], recv_at[r, s, c]
+    expected[r, dst : dst + n] = operand[s, src : src + n]
+  spec = P("x")
+  exchange = functools.partial(
+    moe._padded_ragged_all_to_all, axis_name="x", num_devices=num, block=num * chunks
+  )
+  result = jax.jit(
+    jax.shard_map(
+      lambda *a: exchange(*(b[0] for b in a))[None], mesh=mesh, in_specs=spec, out_specs=spec
+    )
+  )(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
+  np.testing.assert_array_equal(result, expected)
 
 
 @check("moe")

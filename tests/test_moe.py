@@ -7,8 +7,10 @@ The layer itself needs a mesh of 8 devices: those checks run in one subprocess
 from __future__ import annotations
 
 import functools
+import itertools
 
 import chex
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,8 @@ from _sharded_checks import CHECKS
 from _sharded_checks import moe_mlp
 from _sharded_checks import moe_problem
 from _sharded_checks import run_checks
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import eplb_jax
 from eplb_jax.runtime import dispatch
@@ -264,3 +268,177 @@ def test_dispatch_stats_bad_arguments():
   ):
     with pytest.raises(ValueError, match=message):
       moe.dispatch_stats(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+  ("tokens", "top_k", "num_gpus", "factor", "expected"),
+  [
+    (16, 2, 8, 1.0, 32),
+    (16, 2, 8, 1.25, 40),
+    (10, 3, 4, 1.1, 33),  # ceil(33.000000000000004)
+    (4, 2, 2, 5.0, 16),  # at most every pair of the step
+    (16, 2, 8, None, 256),
+  ],
+)
+def test_device_capacity(tokens, top_k, num_gpus, factor, expected):
+  assert moe.device_capacity(tokens, top_k, num_gpus, factor) == expected
+
+
+def test_device_capacity_rejects_bad_factors():
+  with pytest.raises(ValueError, match="capacity_factor"):
+    moe.device_capacity(16, 2, 8, 0.0)
+
+
+def numpy_device_kept(routed, capacity):
+  """The per-device rule pair by pair: each level in turn, every stream still longer than the
+  level keeps one more pair, streams into a device in (slot, sender) order, until full."""
+  num_gpus, num_replicas = routed.shape
+  kept = np.zeros_like(routed)
+  for device in range(num_gpus):
+    slots = range(device * num_replicas // num_gpus, (device + 1) * num_replicas // num_gpus)
+    room = capacity
+    for level in range(routed.max()):
+      for slot, sender in itertools.product(slots, range(num_gpus)):
+        if room and routed[sender, slot] > level:
+          kept[sender, slot] += 1
+          room -= 1
+  return kept
+
+
+@hypothesis.settings(deadline=None, max_examples=40)
+@hypothesis.given(
+  routed=hnp.arrays(np.int32, (4, 8), elements=st.integers(0, 9)),
+  capacity=st.integers(0, 80),
+)
+def test_device_kept_pairs_fill_level_by_level(routed, capacity):
+  kept = np.asarray(jax.jit(moe.kept_pairs, static_argnums=(1, 2))(routed, capacity, "device"))
+  np.testing.assert_array_equal(kept, numpy_device_kept(routed, capacity))
+  # Properties: streams keep at most their pairs, devices min(their pairs, capacity).
+  assert np.all((0 <= kept) & (kept <= routed))
+  loads = routed.sum(0).reshape(4, 2).sum(-1)
+  np.testing.assert_array_equal(kept.sum(0).reshape(4, 2).sum(-1), np.minimum(loads, capacity))
+
+
+def test_slot_kept_pairs_are_the_capacity_per_stream():
+  routed = np.arange(12, dtype=np.int32).reshape(2, 6)
+  np.testing.assert_array_equal(moe.kept_pairs(routed, 4), np.minimum(routed, 4))
+  for args, message in (((routed, 4, "gpu"), "capacity_per"), ((routed, -1), "capacity")):
+    with pytest.raises(ValueError, match=message):
+      moe.kept_pairs(*args)
+  with pytest.raises(ValueError, match="divisible"):
+    moe.kept_pairs(routed[:, :5], 4, "device")
+
+
+def _stats(ids, placement, **kwargs):
+  maps = (placement.log2phy, placement.logcnt)
+  names = ("num_gpus", "capacity_factor", "split", "capacity_per")
+  return jax.jit(moe.dispatch_stats, static_argnames=names)(ids, *maps, num_gpus=8, **kwargs)
+
+
+def _dropped(routed, capacity_factor, capacity_per):
+  """Pairs dropped of ``routed [G, P]`` (8 devices, 16 tokens each, top-2)."""
+  capacity = {"slot": moe.capacity(16, 2, 16, capacity_factor)}
+  capacity["device"] = moe.device_capacity(16, 2, 8, capacity_factor)
+  return int((routed - moe.kept_pairs(routed, capacity[capacity_per], capacity_per)).sum())
+
+
+@pytest.mark.parametrize("split", moe.SPLITS)
+def test_device_capacity_drops_what_device_loads_exceed(split):
+  _, _, _, ids, placement = moe_problem()
+  stats = _stats(ids, placement, capacity_factor=1.0, split=split, capacity_per="device")
+  excess = np.maximum(np.asarray(stats.gpu_tokens()) - moe.device_capacity(16, 2, 8, 1.0), 0)
+  assert excess.sum() > 0
+  np.testing.assert_array_equal(stats.dropped.sum(0).reshape(8, 2).sum(-1), excess)
+  # Dropless without a factor, and none dropped either once the heaviest device fits.
+  dropless = _stats(ids, placement, capacity_factor=None, split=split, capacity_per="device")
+  chex.assert_trees_all_equal(dropless.routed, stats.routed)
+  assert int(dropless.dropped.sum()) == 0
+  heaviest = int(stats.gpu_tokens().max())  # the capacity is factor * 32
+  assert _dropped(stats.routed, heaviest / 32, "device") == 0
+  at_most = _dropped(stats.routed, (heaviest - 1) / 32, "device")
+  assert at_most == int((stats.gpu_tokens() == heaviest).sum())  # one pair from each heaviest
+
+
+def test_balanced_split_with_device_capacity_drops_least():
+  # The skewed step: per-device capacity with the balanced split drops less than the
+  # per-slot capacity with either split, and than the even split per device.
+  _, _, _, ids, placement = moe_problem()
+  routed = {
+    split: _stats(ids, placement, capacity_factor=None, split=split).routed for split in moe.SPLITS
+  }
+  for factor in (1.0, 1.25):
+    dropped = {
+      (split, per): _dropped(routed[split], factor, per)
+      for split in moe.SPLITS
+      for per in moe.CAPACITY_PER
+    }
+    best = dropped["balanced", "device"]
+    assert best < min(dropped["even", "slot"], dropped["balanced", "slot"]), dropped
+    assert best < dropped["even", "device"], dropped
+
+
+@pytest.mark.parametrize("split", moe.SPLITS)
+def test_device_capacity_layer_on_one_device_equals_reference(split):
+  logical, x, gates, ids, placement = moe_problem()
+  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
+  maps = (placement.log2phy, placement.logcnt)
+  kwargs = {"capacity_factor": 0.5, "split": split, "capacity_per": "device"}
+  y, stats = jax.jit(lambda *a: moe.moe_layer(*a[:3], a[3], moe_mlp, *a[4:], mesh=mesh, **kwargs))(
+    x, gates, ids, per_slot, *maps
+  )
+  ref, ref_stats = jax.jit(
+    lambda *a: moe.moe_reference(*a[:3], a[3], moe_mlp, *a[4:], num_gpus=1, **kwargs)
+  )(x, gates, ids, logical, *maps)
+  chex.assert_trees_all_equal(stats, ref_stats)
+  chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-6)
+  assert int(stats.dropped.sum()) == 256 - 128
+
+
+def test_ragged_collective_lowers_on_cpu():
+  # XLA:CPU cannot compile ragged-all-to-all, but the layer's program with it lowers (forward
+  # and gradient); the default on CPU is the padded exchange.
+  logical, x, gates, ids, placement = moe_problem()
+  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
+  maps = (placement.log2phy, placement.logcnt)
+
+  def loss(x, weights, ragged):
+    y, _ = moe.moe_layer(
+      x,
+      gates,
+      ids,
+      weights,
+      moe_mlp,
+      *maps,
+      mesh=mesh,
+      capacity_per="device",
+      ragged_collective=ragged,
+    )
+    return jnp.sum(y**2)
+
+  for ragged, count in ((True, 2), (None, 0)):
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    text = grad.lower(x, per_slot, ragged).as_text()
+    # Forward and return, and their transposes in the gradient.
+    assert text.count("ragged_all_to_all") >= 2 * count, text.count("ragged_all_to_all")
+    assert ("ragged_all_to_all" in text) == bool(count)
+
+
+def test_bad_capacity_per_and_ragged_collective_raise():
+  logical, x, gates, ids, placement = moe_problem()
+  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
+  maps = (placement.log2phy, placement.logcnt)
+  layer = functools.partial(moe.moe_layer, x, gates, ids, per_slot, moe_mlp, *maps, mesh=mesh)
+  for kwargs, message in (
+    ({"capacity_per": "gpu"}, "capacity_per must be one of"),
+    ({"ragged_collective": True}, "ragged_collective applies"),
+    ({"capacity_per": "device", "ragged_collective": 1}, "ragged_collective must be"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      layer(**kwargs)
+  with pytest.raises(ValueError, match="capacity_per must be one of"):
+    moe.moe_reference(x, gates, ids, logical, moe_mlp, *maps, num_gpus=8, capacity_per=None)
+  with pytest.raises(ValueError, match="capacity_per must be one of"):
+    moe.dispatch_stats(ids, *maps, num_gpus=8, capacity_per="Device")
