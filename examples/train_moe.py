@@ -9,11 +9,14 @@ function:
 
 1. each MoE layer (:func:`eplb_jax.runtime.moe.moe_layer`) sends every
    (token, choice) to one replica of its expert with an all-to-all, drops
-   the pairs over a slot's capacity, runs each device's own slots and sends
-   the outputs back; ``--split`` chooses how an expert's pairs spread over
-   its replicas: evenly, or ``balanced`` by the step's own counts (the
-   devices all-gather their counts and split each expert's pairs for the
-   lightest heaviest GPU, :func:`eplb_jax.split_tokens`);
+   the pairs over capacity, runs each device's own slots and sends the
+   outputs back; ``--split`` chooses how an expert's pairs spread over its
+   replicas: evenly, or ``balanced`` by the step's own counts (the devices
+   all-gather their counts and split each expert's pairs for the lightest
+   heaviest GPU, :func:`eplb_jax.split_tokens`); ``--capacity-per`` what the
+   capacity bounds: each slot's pairs from each device, or each device's
+   pairs in all (its experts then run on ragged groups,
+   :func:`eplb_jax.runtime.moe.expert_mlp`);
 2. the router's top-k ids are counted (:mod:`eplb_jax.runtime.stats`) into a
    sliding window of per-expert loads;
 3. replica gradients are summed per logical expert
@@ -28,8 +31,10 @@ The script reports, per placement, the (token, choice) pairs each device
 receives (max / mean, against what the placement's balance on its window
 predicts), the fraction of pairs over capacity at capacity factors 1.0 and
 1.25 (both counted from the same routing) and the step time; and the same
-per-step max / mean and drops for both splits on the same router choices
-(the split not in service from :func:`eplb_jax.runtime.moe.dispatch_stats`).
+per-step max / mean for both splits, with their drops for both capacities,
+on the same router choices (the split not in service from
+:func:`eplb_jax.runtime.moe.dispatch_stats`, the drops from
+:func:`eplb_jax.runtime.moe.kept_pairs`).
 It also trains the logical model (logical expert weights, each expert
 applied to every token, with the same placements deciding the same drops:
 :func:`eplb_jax.runtime.moe.moe_reference`) and asserts both runs agree
@@ -39,7 +44,8 @@ exactly for as long as their routers choose alike, which must hold for at
 least the first ``--tight-steps``; once rounding tips a near-tie of the
 router, the trajectories part, and the losses are held to ``--loose-rtol``.
 
-Run: ``python examples/train_moe.py --steps 200 --rebalance-every 50 [--split balanced]``.
+Run: ``python examples/train_moe.py --steps 200 --rebalance-every 50 [--split balanced]
+[--capacity-per device]``.
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ class Config:
   # How each expert's pairs are split over its replicas (moe.SPLITS): "even", or
   # "balanced" by each step's quotas of the lightest heaviest GPU.
   split: str = "even"
+  # What the capacity bounds (moe.CAPACITY_PER): each (device, slot) stream, or each device.
+  capacity_per: str = "slot"
   router_skew: float = 0.75
   # DeepSeek's placement: its replication minimises the largest replica load,
   # and with a per-slot capacity the heaviest slot decides the drops.
@@ -147,11 +155,6 @@ def batch(cfg: Config, step: jax.Array) -> tuple[jax.Array, jax.Array]:
     jax.random.fold_in(jax.random.key(cfg.seed + 2), step), (cfg.tokens, cfg.d_model)
   )
   return x, jnp.sin(x @ teacher / np.sqrt(cfg.d_model))
-
-
-def expert_mlp(params: dict, x: jax.Array) -> jax.Array:
-  """One expert on ``[n, d]`` rows."""
-  return jax.nn.relu(x @ params["w_in"]) @ params["w_out"]
 
 
 def uniform_placement(cfg: Config) -> Placement:
@@ -209,8 +212,12 @@ def loss_fn(
     gates, ids = moe.top_k_routing(h @ params["router"][layer] + skew[layer], cfg.top_k)
     experts = jax.tree.map(lambda w, layer=layer: w[layer], params["experts"])
     maps = placement.log2phy[layer], placement.logcnt[layer]
-    routing = (h, gates, ids, experts, expert_mlp, *maps)
-    options = {"capacity_factor": cfg.capacity_factor, "split": cfg.split}
+    routing = (h, gates, ids, experts, moe.expert_mlp, *maps)
+    options = {
+      "capacity_factor": cfg.capacity_factor,
+      "split": cfg.split,
+      "capacity_per": cfg.capacity_per,
+    }
     if cfg.logical:
       out, layer_stats = moe.moe_reference(*routing, num_gpus=cfg.num_gpus, **options)
     else:
@@ -228,9 +235,19 @@ def imbalance(loads: jax.Array) -> jax.Array:
   return jnp.mean(loads.max(-1) / jnp.maximum(loads.mean(-1), 1e-9))
 
 
-def drop_fraction(routed: jax.Array, capacity: int) -> jax.Array:
-  """The fraction of the pairs in ``routed [L, G, P]`` beyond ``capacity`` per device and slot."""
-  return jnp.maximum(routed - capacity, 0).sum() / jnp.maximum(routed.sum(), 1)
+def capacities(cfg: Config) -> dict[tuple[str, float], int]:
+  """``(capacity_per, factor) -> capacity`` for every capacity and reported factor."""
+  shape = (cfg.tokens // cfg.num_gpus, cfg.top_k)
+  return {
+    **{("slot", f): moe.capacity(*shape, cfg.num_replicas, f) for f in REPORTED_FACTORS},
+    **{("device", f): moe.device_capacity(*shape, cfg.num_gpus, f) for f in REPORTED_FACTORS},
+  }
+
+
+def drop_fraction(routed: jax.Array, capacity: int, capacity_per: str) -> jax.Array:
+  """The fraction of the pairs in ``routed [L, G, P]`` over ``capacity`` (per slot or device)."""
+  dropped = routed - moe.kept_pairs(routed, capacity, capacity_per)
+  return dropped.sum() / jnp.maximum(routed.sum(), 1)
 
 
 def next_placement(
@@ -292,13 +309,13 @@ def step_metrics(
 ) -> dict:
   """Loss, the router's counts, pairs per GPU and their max / mean, and the fractions dropped.
 
-  ``imbalance`` and ``dropped@{factor}`` are the split in service's; their
-  ``[split]`` versions give every split of :data:`moe.SPLITS` on the same
-  router choices ``ids [L, T, k]`` (the other split's from
-  :func:`moe.dispatch_stats`, the routing alone), so the splits compare on
-  identical steps.
+  ``imbalance`` and ``dropped@{factor}`` are the split and capacity in
+  service's; ``imbalance[split]`` and ``dropped@{factor}[split/capacity_per]``
+  give every split of :data:`moe.SPLITS` and capacity of
+  :data:`moe.CAPACITY_PER` on the same router choices ``ids [L, T, k]``
+  (the other split's from :func:`moe.dispatch_stats`, the routing alone),
+  so they compare on identical steps.
   """
-  tokens_per_gpu = cfg.tokens // cfg.num_gpus
   out = {
     "loss": loss,
     "counts": stats.expert_counts(ids, cfg.num_experts),
@@ -306,12 +323,10 @@ def step_metrics(
     "gpu_tokens": dispatched.gpu_tokens(),
     "dropped": dispatched.dropped.sum() / jnp.maximum(dispatched.routed.sum(), 1),
   }
-  capacities = {
-    factor: moe.capacity(tokens_per_gpu, cfg.top_k, cfg.num_replicas, factor)
-    for factor in REPORTED_FACTORS
-  }
-  for factor, capacity in capacities.items():
-    out[f"dropped@{factor}"] = drop_fraction(dispatched.routed, capacity)
+  capacity = capacities(cfg)
+  for factor in REPORTED_FACTORS:
+    in_service = capacity[cfg.capacity_per, factor]
+    out[f"dropped@{factor}"] = drop_fraction(dispatched.routed, in_service, cfg.capacity_per)
   for split in moe.SPLITS:
     routed = dispatched
     if split != cfg.split:
@@ -320,8 +335,8 @@ def step_metrics(
       )
       routed = jax.vmap(routing)(ids, placement.log2phy, placement.logcnt)
     out[f"imbalance[{split}]"] = imbalance(routed.gpu_tokens())
-    for factor, capacity in capacities.items():
-      out[f"dropped@{factor}[{split}]"] = drop_fraction(routed.routed, capacity)
+    for (per, factor), cap in capacity.items():
+      out[f"dropped@{factor}[{split}/{per}]"] = drop_fraction(routed.routed, cap, per)
   return out
 
 
@@ -394,10 +409,10 @@ class Period(NamedTuple):
   summed: float  # max / mean pairs per GPU summed over the steps
   dropped: dict[float, float]  # capacity factor -> fraction of pairs dropped
   seconds: float  # median step time
-  # Per split of moe.SPLITS on the same router choices: max / mean pairs per
-  # GPU (mean over the steps), and capacity factor -> fraction dropped.
+  # On the same router choices: per split of moe.SPLITS, max / mean pairs per
+  # GPU (mean over the steps); per (split, capacity_per), factor -> fraction dropped.
   split_measured: dict[str, float]
-  split_dropped: dict[str, dict[float, float]]
+  split_dropped: dict[tuple[str, str], dict[float, float]]
 
 
 def periods(run: dict[str, np.ndarray], rebalance_every: int) -> list[Period]:
@@ -430,8 +445,11 @@ def periods(run: dict[str, np.ndarray], rebalance_every: int) -> list[Period]:
         seconds=float(np.median(timed)) if len(timed) else np.nan,
         split_measured={s: float(run[f"imbalance[{s}]"][start:stop].mean()) for s in moe.SPLITS},
         split_dropped={
-          s: {f: float(run[f"dropped@{f}[{s}]"][start:stop].mean()) for f in REPORTED_FACTORS}
+          (s, c): {
+            f: float(run[f"dropped@{f}[{s}/{c}]"][start:stop].mean()) for f in REPORTED_FACTORS
+          }
           for s in moe.SPLITS
+          for c in moe.CAPACITY_PER
         },
       )
     )
@@ -455,32 +473,37 @@ def table(rows: list[Period]) -> list[str]:
   return lines
 
 
-def split_table(rows: list[Period], in_service: str) -> list[str]:
-  """Markdown table of every split on the same router choices, per period of :func:`periods`."""
+def split_table(rows: list[Period], cfg: Config) -> list[str]:
+  """Markdown table of every split and capacity on the same router choices, per period of
+  :func:`periods`."""
   lines = [
-    "| steps | split | max/mean per step | "
+    "| steps | split | max/mean per step | capacity per | "
     + " | ".join(f"dropped cf {f}" for f in REPORTED_FACTORS)
     + " |",
-    "|---|---|---:|" + "---:|" * len(REPORTED_FACTORS),
+    "|---|---|---:|---|" + "---:|" * len(REPORTED_FACTORS),
   ]
   for p in rows:
     for split in moe.SPLITS:
-      drops = " | ".join(f"{100 * p.split_dropped[split][f]:.2f}%" for f in REPORTED_FACTORS)
-      name = f"{split} (in service)" if split == in_service else split
-      lines.append(f"| {p.first}-{p.last} | {name} | {p.split_measured[split]:.3f} | {drops} |")
+      for per in moe.CAPACITY_PER:
+        drops = " | ".join(f"{100 * p.split_dropped[split, per][f]:.2f}%" for f in REPORTED_FACTORS)
+        name = f"{per} (in service)" if (split, per) == (cfg.split, cfg.capacity_per) else per
+        lines.append(
+          f"| {p.first}-{p.last} | {split} | {p.split_measured[split]:.3f} | {name} | {drops} |"
+        )
   return lines
 
 
 def after_first_rebalance(run: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-  """Per split: mean per-step max / mean pairs per GPU and drops, over the steps after the
-  first rebalance (all steps without one)."""
+  """Per split: mean per-step max / mean pairs per GPU and drops per capacity, over the steps
+  after the first rebalance (all steps without one)."""
   rebalanced = np.flatnonzero(~np.isnan(run["before"])) if "before" in run else []
   start = rebalanced[0] + 1 if len(rebalanced) else 0
   return {
     split: {
       "max/mean": float(run[f"imbalance[{split}]"][start:].mean()),
       **{
-        f"dropped cf {f}": float(run[f"dropped@{f}[{split}]"][start:].mean())
+        f"dropped cf {f} per {per}": float(run[f"dropped@{f}[{split}/{per}]"][start:].mean())
+        for per in moe.CAPACITY_PER
         for f in REPORTED_FACTORS
       },
     }
@@ -550,6 +573,9 @@ def main(argv: list[str] | None = None) -> None:
     "--rebalance-threshold", type=float, default=0.02, help="gate: relative gain a layer needs"
   )
   parser.add_argument("--split", choices=moe.SPLITS, default="even", help="the split in service")
+  parser.add_argument(
+    "--capacity-per", choices=moe.CAPACITY_PER, default="slot", help="what the capacity bounds"
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
     "--rtol", type=float, default=1e-5, help="loss match tolerance while both runs route alike"
@@ -571,19 +597,20 @@ def main(argv: list[str] | None = None) -> None:
     capacity_factor=args.capacity_factor,
     rebalance_threshold=args.rebalance_threshold,
     split=args.split,
+    capacity_per=args.capacity_per,
     seed=args.seed,
   )
   mesh = make_mesh(cfg)
   print(
     f"{cfg.num_layers} MoE layers, {cfg.num_experts} experts -> {cfg.num_replicas} slots "
     f"on {cfg.num_gpus} devices, top-{cfg.top_k}, {cfg.tokens} tokens/step, "
-    f"capacity factor {cfg.capacity_factor}, {cfg.split} split"
+    f"capacity factor {cfg.capacity_factor} per {cfg.capacity_per}, {cfg.split} split"
   )
   run = train(cfg, args.steps, mesh)
   rows = periods(run, cfg.rebalance_every)
   print("\n".join(table(rows)))
-  print("\nEvery split on the same router choices:")
-  print("\n".join(split_table(rows, cfg.split)))
+  print("\nEvery split and capacity on the same router choices:")
+  print("\n".join(split_table(rows, cfg)))
   for split, figures in after_first_rebalance(run).items():
     print(
       f"after the first rebalance, {split} split: "

@@ -10,7 +10,8 @@ the expert ``Param``s and their Adam moments to their new slots. It starts
 from the weights of ``train_moe.py`` and runs the same computation, so its
 losses are the pure-JAX example's; the script checks that (as
 :func:`train_moe.check_same_model` does). ``--split balanced`` splits each
-expert's pairs by the step's quotas, as in ``train_moe.py``.
+expert's pairs by the step's quotas and ``--capacity-per device`` bounds each
+device's pairs, as in ``train_moe.py``.
 
 Needs ``pip install "eplb-jax[examples]"`` (flax and optax). Run:
 ``python examples/train_moe_nnx.py --steps 100 --rebalance-every 50``.
@@ -82,13 +83,14 @@ class MoeModel(nnx.Module):
         gates,
         ids,
         experts,
-        base.expert_mlp,
+        moe.expert_mlp,
         placement.log2phy[layer],
         placement.logcnt[layer],
         mesh=self.mesh,
         expert_axis=base.EXPERT_AXIS,
         capacity_factor=cfg.capacity_factor,
         split=cfg.split,
+        capacity_per=cfg.capacity_per,
       )
       h = h + out
       all_ids.append(ids)
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--rebalance-every", type=int, default=50)
   parser.add_argument("--split", choices=moe.SPLITS, default="even", help="the split in service")
   parser.add_argument(
+    "--capacity-per", choices=moe.CAPACITY_PER, default="slot", help="what the capacity bounds"
+  )
+  parser.add_argument(
     "--rtol", type=float, default=1e-5, help="loss match tolerance while both runs route alike"
   )
   parser.add_argument(
@@ -170,13 +175,15 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.rebalance_every <= 0:
     parser.error("--rebalance-every must be positive")
-  cfg = base.Config(rebalance_every=args.rebalance_every, split=args.split)
+  cfg = base.Config(
+    rebalance_every=args.rebalance_every, split=args.split, capacity_per=args.capacity_per
+  )
   mesh = base.make_mesh(cfg)
   run = train(cfg, args.steps, mesh)
   rows = base.periods(run, cfg.rebalance_every)
   print("\n".join(base.table(rows)))
-  print("\nEvery split on the same router choices:")
-  print("\n".join(base.split_table(rows, cfg.split)))
+  print("\nEvery split and capacity on the same router choices:")
+  print("\n".join(base.split_table(rows, cfg)))
   reference = base.train(cfg, args.steps, mesh)
   # The same computation as the pure-JAX example, checked as that one checks its logical model.
   summary = base.check_same_model(
