@@ -125,20 +125,30 @@ def _fill_layer(counts: jax.Array, phy2log: jax.Array, num_gpus: int, spare_slot
   return filled.experts.reshape(-1), filled.quota.reshape(-1), source
 
 
+def _plan_layer(
+  counts: jax.Array,
+  phy2log: jax.Array,
+  num_gpus: int,
+  spare_slots: int,
+  tolerance: float,
+  max_steps: int,
+) -> SparePlan:
+  """One layer's plan: the greedy filling, then the split warm-started from its point."""
+  extended, start, source = _fill_layer(counts, phy2log, num_gpus, spare_slots)
+  quotas = split_lib._split_layer(counts, extended, num_gpus, tolerance, max_steps, start)
+  return SparePlan(extended, quotas, source)
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _plan(counts, phy2log, num_gpus, spare_slots, tolerance, max_steps) -> SparePlan:
+  # A window's steps are more rows of one batch: [N, L] -> [N * L].
   rows = jnp.maximum(counts, 0).reshape(-1, counts.shape[-1])
   maps = jnp.broadcast_to(phy2log, (*counts.shape[:-1], phy2log.shape[-1])).reshape(
     rows.shape[0], -1
   )
-  fill = jax.vmap(_fill_layer, in_axes=(0, 0, None, None))
-  extended, start, source = fill(rows, maps, num_gpus, spare_slots)
-  split_layer = jax.vmap(split_lib._split_layer, in_axes=(0, 0, None, None, None, 0))
-  quotas = split_layer(rows, extended, num_gpus, tolerance, max_steps, start)
-  batch = counts.shape[:-1]
-  return SparePlan(
-    extended.reshape(*batch, -1), quotas.reshape(*batch, -1), source.reshape(*batch, -1)
-  )
+  plan_layer = jax.vmap(_plan_layer, in_axes=(0, 0, None, None, None, None))
+  plan = plan_layer(rows, maps, num_gpus, spare_slots, tolerance, max_steps)
+  return jax.tree.map(lambda x: x.reshape(*counts.shape[:-1], -1), plan)
 
 
 def plan_spare_slots(
