@@ -315,7 +315,9 @@ def moe_problem(seed=0):
 
 
 @functools.cache
-def moe_value_and_grad(logical_model, capacity_factor, split="even", capacity_per="slot"):
+def moe_value_and_grad(
+  logical_model, capacity_factor, split="even", capacity_per="slot", spare_slots=0
+):
   """Jitted ``(x, weights, gates, ids, log2phy, logcnt) -> ((y, stats), (dx, dweights))``.
 
   ``y`` and its gradients are of ``sum(y * cos(y))``, which weighs every output differently.
@@ -324,7 +326,12 @@ def moe_value_and_grad(logical_model, capacity_factor, split="even", capacity_pe
 
   def objective(x, weights, gates, ids, log2phy, logcnt):
     args = (x, gates, ids, weights, moe_mlp, log2phy, logcnt)
-    kwargs = {"capacity_factor": capacity_factor, "split": split, "capacity_per": capacity_per}
+    kwargs = {
+      "capacity_factor": capacity_factor,
+      "split": split,
+      "capacity_per": capacity_per,
+      "spare_slots": spare_slots,
+    }
     if logical_model:
       y, stats = moe.moe_reference(*args, num_gpus=8, **kwargs)
     else:
@@ -335,9 +342,9 @@ def moe_value_and_grad(logical_model, capacity_factor, split="even", capacity_pe
   return jax.jit(lambda *a: (lambda r: (r[0][1], r[1]))(grad(*a)))
 
 
-def layer_equals_reference(split, capacity_per="slot"):
+def layer_equals_reference(split, capacity_per="slot", spare_slots=0):
   """The layer's outputs, gradients and stats are the logical reference's, with and without
-  drops, for ``split`` and ``capacity_per``."""
+  drops, for ``split``, ``capacity_per`` and ``spare_slots``."""
   logical, x, gates, ids, placement = moe_problem()
   mesh = auto_mesh((8,), ("expert",))
   per_slot = params.apply_placement(logical, placement.phy2log, mesh=mesh)
@@ -346,11 +353,10 @@ def layer_equals_reference(split, capacity_per="slot"):
   # than the logical model's; entries that cancel to ~1e-3 then differ by ~1e-6.
   weight_atol = 1e-6 if capacity_per == "slot" else 1e-5
   for factor in (1.0, 1.25, None):
-    grad = moe_value_and_grad(False, factor, split, capacity_per)
+    grad = moe_value_and_grad(False, factor, split, capacity_per, spare_slots)
     (y, stats), (dx, dw) = grad(x, per_slot, gates, ids, *maps)
-    (ref, ref_stats), (ref_dx, ref_dw) = moe_value_and_grad(True, factor, split, capacity_per)(
-      x, logical, gates, ids, *maps
-    )
+    reference = moe_value_and_grad(True, factor, split, capacity_per, spare_slots)
+    (ref, ref_stats), (ref_dx, ref_dw) = reference(x, logical, gates, ids, *maps)
     chex.assert_trees_all_equal(stats, ref_stats)
     if capacity_per == "slot":
       assert (int(stats.dropped.sum()) > 0) == (factor is not None), stats.dropped
@@ -366,8 +372,15 @@ def layer_equals_reference(split, capacity_per="slot"):
     chex.assert_trees_all_close(summed, expected, rtol=1e-5, atol=weight_atol)
     if split == "balanced":
       # Every slot receives its quota of the step's split: the GPUs carry its loads.
-      counts = np.bincount(np.asarray(ids).ravel(), minlength=MOE_EXPERTS)
-      quotas = eplb_jax.split_tokens(counts[None], placement.phy2log[None], 8)[0]
+      counts = np.bincount(np.asarray(ids).ravel(), minlength=MOE_EXPERTS)[None]
+      if spare_slots:
+        service = placement.phy2log[None]
+        plan = eplb_jax.plan_spare_slots(counts, service, 8, spare_slots=spare_slots)
+        source = np.asarray(plan.source)[0]
+        assert (source >= 0).any(), "no copy on the skewed step"
+        quotas = plan.quotas[0]
+      else:
+        quotas = eplb_jax.split_tokens(counts, placement.phy2log[None], 8)[0]
       np.testing.assert_array_equal(stats.routed.sum(0), quotas)
   # Without drops: the plain logical MoE, every token's choices weighted by its gates.
   every = jax.vmap(moe_mlp, in_axes=(0, None))(logical, x)  # [E, T, d]
@@ -393,6 +406,40 @@ def device_capacity_layer_equals_logical_reference():
 @check("moe")
 def device_capacity_balanced_split_layer_equals_logical_reference():
   layer_equals_reference("balanced", "device")
+
+
+@check("moe")
+def spare_slots_layer_equals_logical_reference():
+  layer_equals_reference("balanced", "slot", spare_slots=1)
+
+
+@check("moe")
+def spare_slots_device_capacity_layer_equals_logical_reference():
+  layer_equals_reference("balanced", "device", spare_slots=2)
+
+
+@check("moe")
+def spare_fetch_copies_slots_and_sums_their_gradients():
+  # 8 devices of 2 slots, 2 spare slots each: copies of slot 3 (twice), 0, 15 and empty ones.
+  mesh = auto_mesh((8,), ("x",))
+  source = np.full(16, -1, np.int32)
+  source[[0, 5, 6, 9, 14]] = [3, 3, 0, 15, 3]
+  leaf = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  weight = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+
+  def fetched(leaf):
+    def local(leaf):
+      return moe._fetch_spares(leaf, source, axis="x", num_gpus=8, spare_slots=2, ragged=False)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=P("x"), out_specs=P("x"))(leaf)
+
+  copies = jax.jit(fetched)(leaf)
+  expected = np.where((source >= 0)[:, None], leaf[np.maximum(source, 0)], 0.0)
+  np.testing.assert_array_equal(copies, expected)
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(fetched(v) * weight)))(leaf)
+  summed = np.zeros_like(leaf)
+  np.add.at(summed, source[source >= 0], weight[source >= 0])
+  np.testing.assert_allclose(grad, summed, rtol=1e-6)
 
 
 @check("moe")

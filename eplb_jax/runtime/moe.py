@@ -81,7 +81,9 @@ from jax.sharding import PartitionSpec as P
 
 from eplb_jax._src import checks
 from eplb_jax._src import ops
+from eplb_jax._src import placement as placement_lib
 from eplb_jax._src import sharding
+from eplb_jax._src import spares as spares_lib
 from eplb_jax._src import split as split_lib
 from eplb_jax.runtime import dispatch
 from eplb_jax.runtime import stats
@@ -303,15 +305,101 @@ def _phy2log(log2phy: jax.Array, num_replicas: int) -> jax.Array:
   return jnp.full(num_replicas, -1, jnp.int32).at[slots].set(experts, mode="drop")
 
 
-def _quotas(counts: jax.Array, log2phy: jax.Array, num_replicas: int, num_gpus: int) -> jax.Array:
-  """``[P]`` int32 quotas of the step's global ``counts [E]`` (the balanced split)."""
-  return split_lib._split_layer(
-    counts,
-    _phy2log(log2phy, num_replicas),
-    num_gpus,
-    split_lib.DEFAULT_TOLERANCE,
-    split_lib.DEFAULT_MAX_STEPS,
+class _Step(NamedTuple):
+  """The placement a balanced step routes by: the one in service, or it with spare copies."""
+
+  log2phy: jax.Array  # [E, R'] slots of each expert
+  quotas: jax.Array  # [P'] int32 the step's quota of each slot
+  source: jax.Array | None  # [G * k] service slot each spare copies (-1: empty); None: no spares
+
+
+def _plan_step(counts: jax.Array, log2phy: jax.Array, num_gpus: int, spare_slots: int) -> _Step:
+  """The balanced split of the step's global ``counts [E]``, over the placement in service
+  or (``spare_slots > 0``) over it with the spare slots filled for this step."""
+  num_experts, width = log2phy.shape
+  phy2log = _phy2log(log2phy, width + num_experts - 1)
+  tolerance, max_steps = split_lib.DEFAULT_TOLERANCE, split_lib.DEFAULT_MAX_STEPS
+  if not spare_slots:
+    quotas = split_lib._split_layer(counts, phy2log, num_gpus, tolerance, max_steps)
+    return _Step(log2phy, quotas, None)
+  plan = spares_lib._plan_layer(counts, phy2log, num_gpus, spare_slots, tolerance, max_steps)
+  extended = placement_lib.from_phy2log(plan.phy2log[None], num_experts)
+  return _Step(extended.log2phy[0], plan.quotas, plan.source)
+
+
+class _Fetch(NamedTuple):
+  """Who sends which slot to whom, as :func:`_exchange`'s slices ``(g, j)`` of one device.
+
+  As a sender, slice ``(g, j)`` is its copy for spare slot ``j`` of device
+  ``g``; as a receiver, the copy of its spare slot ``j`` from device ``g``.
+  """
+
+  local: jax.Array  # [G * k] the source slot's index on its device
+  sends: jax.Array  # [G * k] 1 where this device is the source of (g, j)
+  receives: jax.Array  # [G * k] 1 where device g is the source of this device's spare j
+  spare: jax.Array  # [G * k] j: the spare slot's row in a receiver's [k] buffer
+  row: jax.Array  # [G * k] this device's row (itself, j) in a source's [G * k] buffer
+
+
+class _Collective(NamedTuple):
+  """Static settings of :func:`_exchange` (hashable)."""
+
+  axis_name: str
+  num_devices: int
+  block: int  # rows one device sends any one device, at most
+  ragged: bool
+
+  def __call__(self, *args) -> jax.Array:
+    return _exchange(*args, **self._asdict())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fetch(exchange: _Collective, leaf: jax.Array, fetch: _Fetch) -> jax.Array:
+  out = jnp.zeros((exchange.block, *leaf.shape[1:]), leaf.dtype)  # the k spare slots
+  return exchange(leaf, out, fetch.local, fetch.sends, fetch.spare, fetch.receives)
+
+
+def _fetch_forward(exchange, leaf, fetch):
+  return _fetch(exchange, leaf, fetch), (fetch, leaf.shape[0])
+
+
+def _fetch_backward(exchange, residuals, cotangent):
+  # Each copy's cotangent back to its source, row (g, j) of a [G * k] buffer there, then
+  # summed per slot: copies of one slot add up (ragged_all_to_all's transpose keeps one).
+  fetch, num_slots = residuals
+  rows = jnp.zeros((fetch.spare.shape[0], *cotangent.shape[1:]), cotangent.dtype)
+  back = exchange(cotangent, rows, fetch.spare, fetch.receives, fetch.row, fetch.sends)
+  slot = jnp.where(fetch.sends > 0, fetch.local, num_slots)  # num_slots: not from here
+  return jax.ops.segment_sum(back, slot, num_slots + 1)[:num_slots], None
+
+
+_fetch.defvjp(_fetch_forward, _fetch_backward)
+
+
+def _fetch_spares(expert_params, source, *, axis, num_gpus, spare_slots, ragged) -> PyTree:
+  """This device's ``k`` spare slots' parameters ``[k, ...]``, copied from their ``source``.
+
+  Each copy travels from the device holding its source slot to the device of
+  its spare slot, one slot's slice per copy, by :func:`jax.lax.ragged_all_to_all`
+  (a device receives at most its ``k`` copies) or its padded equivalent. Several
+  copies may read one slot, so the backward pass sends each copy's cotangent
+  back to its source device and sums them per slot.
+  """
+  slots_per_gpu = jax.tree.leaves(expert_params)[0].shape[0]
+  device = jax.lax.axis_index(axis)
+  filled = source >= 0
+  home = jnp.where(filled, source // slots_per_gpu, -1).reshape(num_gpus, spare_slots)
+  mine = jax.lax.dynamic_index_in_dim(home, device, 0, keepdims=False)  # [k]
+  spare = jnp.tile(jnp.arange(spare_slots, dtype=jnp.int32), num_gpus)
+  fetch = _Fetch(
+    local=jnp.where(filled, source % slots_per_gpu, 0),
+    sends=(home == device).astype(jnp.int32).reshape(-1),
+    receives=(mine[None, :] == jnp.arange(num_gpus)[:, None]).astype(jnp.int32).reshape(-1),
+    spare=spare,
+    row=device * spare_slots + spare,
   )
+  exchange = _Collective(axis, num_gpus, spare_slots, ragged)
+  return jax.tree.map(lambda leaf: _fetch(exchange, leaf, fetch), expert_params)
 
 
 class _Route(NamedTuple):
@@ -342,20 +430,23 @@ def _group_routes(
   logcnt: jax.Array,
   num_gpus: int,
   split: str,
+  spare_slots: int,
 ) -> _Route:
   """``[G, ...]`` routes of ``expert_ids [T, k]`` cut into ``G`` groups, each as its device
   routes it in :func:`moe_layer` (with the balanced split, from every group's counts)."""
   num_experts, width = log2phy.shape
-  num_replicas = width + num_experts - 1
+  num_replicas = width + num_experts - 1 + num_gpus * spare_slots
   tokens, top_k = expert_ids.shape
   grouped = expert_ids.reshape(num_gpus, tokens // num_gpus, top_k)
   if split == "even":
     slots = jax.vmap(lambda ids: dispatch.physical_slots(log2phy, logcnt, ids))(grouped)
   else:
     counts = stats.expert_counts(grouped, num_experts)  # [G, E], as the devices gather them
-    quotas = _quotas(counts.sum(0), log2phy, num_replicas, num_gpus)
+    step = _plan_step(counts.sum(0), log2phy, num_gpus, spare_slots)
     slots = jax.vmap(
-      lambda ids, device: dispatch.quota_slots(log2phy, quotas, ids, counts=counts, device=device)
+      lambda ids, device: dispatch.quota_slots(
+        step.log2phy, step.quotas, ids, counts=counts, device=device
+      )
     )(grouped, jnp.arange(num_gpus))
   return jax.vmap(lambda s: _route(s, num_replicas))(slots)
 
@@ -461,15 +552,28 @@ def _check_params(expert_params: PyTree, size: int, what: str) -> int:
   return size
 
 
-def _ragged_collective(mesh: Mesh, ragged_collective: object, capacity_per: str) -> bool:
-  """Whether the per-device exchange uses :func:`jax.lax.ragged_all_to_all`."""
+def _ragged_collective(
+  mesh: Mesh, ragged_collective: object, capacity_per: str, spare_slots: int
+) -> bool:
+  """Whether the per-device exchange and the spares' fetch use :func:`jax.lax.ragged_all_to_all`."""
   if ragged_collective is None:
     return mesh.devices.flat[0].platform in RAGGED_PLATFORMS
   if not isinstance(ragged_collective, bool):
     raise ValueError(f"ragged_collective must be True, False or None, got {ragged_collective!r}")
-  if capacity_per != "device":
-    raise ValueError("ragged_collective applies to capacity_per='device' only; leave it None")
+  if capacity_per != "device" and not spare_slots:
+    raise ValueError(
+      "ragged_collective applies to capacity_per='device' or spare_slots > 0 only; leave it None"
+    )
   return ragged_collective
+
+
+def _check_spares(spare_slots: object, split: str) -> int:
+  """Static check: spare slots need the balanced split (their copies follow its counts)."""
+  if isinstance(spare_slots, bool) or not isinstance(spare_slots, int) or spare_slots < 0:
+    raise ValueError(f"spare_slots must be a non-negative int, got {spare_slots!r}")
+  if spare_slots and split != "balanced":
+    raise ValueError(f"spare_slots > 0 needs split='balanced', got split={split!r}")
+  return spare_slots
 
 
 def _slot_experts(x, route, keep, expert_params, expert_fn, *, axis, num_gpus, cap):
@@ -551,6 +655,7 @@ def moe_layer(
   capacity_factor: float | None = 1.25,
   split: str = "even",
   capacity_per: str = "slot",
+  spare_slots: int = 0,
   ragged_collective: bool | None = None,
 ) -> tuple[jax.Array, DispatchStats]:
   """Expert-parallel MoE: all-to-all dispatch to the devices holding each token's slots.
@@ -611,9 +716,11 @@ def moe_layer(
   _check_routing(x, gates, expert_ids, num_gpus)
   balanced = _check_split(split) == "balanced"
   per_device = _check_capacity_per(capacity_per) == "device"
-  ragged = _ragged_collective(mesh, ragged_collective, capacity_per)
+  spare_slots = _check_spares(spare_slots, split)
+  ragged = _ragged_collective(mesh, ragged_collective, capacity_per, spare_slots)
   tokens_per_device, top_k = x.shape[0] // num_gpus, gates.shape[1]
-  cap = _capacity(capacity_per, tokens_per_device, top_k, num_replicas, num_gpus, capacity_factor)
+  routed_slots = num_replicas + num_gpus * spare_slots  # the slots the step routes to
+  cap = _capacity(capacity_per, tokens_per_device, top_k, routed_slots, num_gpus, capacity_factor)
   cap = max(cap, 1)  # zero tokens: one buffer row of zeros keeps the exchange's shapes non-empty
 
   def local(x, gates, expert_ids, expert_params, log2phy, logcnt):
@@ -624,10 +731,24 @@ def moe_layer(
       # axis, as the split's loop carry needs).
       local_counts = stats.expert_counts(expert_ids, log2phy.shape[0])
       counts = jax.lax.all_gather(local_counts, expert_axis, to="invarying")
-      quotas = _quotas(counts.sum(0), log2phy, num_replicas, num_gpus)
+      step = _plan_step(counts.sum(0), log2phy, num_gpus, spare_slots)
       device = jax.lax.axis_index(expert_axis)
-      slots = dispatch.quota_slots(log2phy, quotas, expert_ids, counts=counts, device=device)
-    route = _route(slots, num_replicas)
+      slots = dispatch.quota_slots(
+        step.log2phy, step.quotas, expert_ids, counts=counts, device=device
+      )
+      if spare_slots:
+        fetched = _fetch_spares(
+          expert_params,
+          step.source,
+          axis=expert_axis,
+          num_gpus=num_gpus,
+          spare_slots=spare_slots,
+          ragged=ragged,
+        )
+        expert_params = jax.tree.map(
+          lambda own, copy: jnp.concatenate([own, copy]), expert_params, fetched
+        )
+    route = _route(slots, routed_slots)
     if per_device:
       # Every sender's pairs per slot decide every receiver's drops.
       every_kept = kept_pairs(
@@ -678,6 +799,7 @@ def moe_reference(
   capacity_factor: float | None = 1.25,
   split: str = "even",
   capacity_per: str = "slot",
+  spare_slots: int = 0,
 ) -> tuple[jax.Array, DispatchStats]:
   """The logical model of :func:`moe_layer`: the same routing and drops, no communication.
 
@@ -716,9 +838,11 @@ def moe_reference(
       f"the number of slots ({num_replicas}) must be divisible by num_gpus ({num_gpus})"
     )
   split = _check_split(split)
+  spare_slots = _check_spares(spare_slots, split)
   tokens, top_k = expert_ids.shape
-  cap = _capacity(capacity_per, tokens // num_gpus, top_k, num_replicas, num_gpus, capacity_factor)
-  route = _group_routes(expert_ids, log2phy, logcnt, num_gpus, split)
+  routed_slots = num_replicas + num_gpus * spare_slots
+  cap = _capacity(capacity_per, tokens // num_gpus, top_k, routed_slots, num_gpus, capacity_factor)
+  route = _group_routes(expert_ids, log2phy, logcnt, num_gpus, split, spare_slots)
   kept = kept_pairs(route.routed, cap, capacity_per)
   keep = jax.vmap(_keep)(route, kept).reshape(tokens, top_k)
   if capacity_per == "slot":
@@ -742,6 +866,7 @@ def dispatch_stats(
   capacity_factor: float | None = 1.25,
   split: str = "even",
   capacity_per: str = "slot",
+  spare_slots: int = 0,
 ) -> DispatchStats:
   """What :func:`moe_layer` dispatches for the router's ``expert_ids``, without the experts.
 
@@ -772,6 +897,8 @@ def dispatch_stats(
   for what, size in (("tokens", tokens), ("slots", num_replicas)):
     if size % num_gpus:
       raise ValueError(f"the number of {what} ({size}) must be divisible by num_gpus ({num_gpus})")
-  cap = _capacity(capacity_per, tokens // num_gpus, top_k, num_replicas, num_gpus, capacity_factor)
-  route = _group_routes(expert_ids, log2phy, logcnt, num_gpus, _check_split(split))
+  spare_slots = _check_spares(spare_slots, _check_split(split))
+  routed_slots = num_replicas + num_gpus * spare_slots
+  cap = _capacity(capacity_per, tokens // num_gpus, top_k, routed_slots, num_gpus, capacity_factor)
+  route = _group_routes(expert_ids, log2phy, logcnt, num_gpus, split, spare_slots)
   return DispatchStats(route.routed, route.routed - kept_pairs(route.routed, cap, capacity_per))
