@@ -16,22 +16,29 @@ function:
    heaviest GPU, :func:`eplb_jax.split_tokens`); ``--capacity-per`` what the
    capacity bounds: each slot's pairs from each device, or each device's
    pairs in all (its experts then run on ragged groups,
-   :func:`eplb_jax.runtime.moe.expert_mlp`);
+   :func:`eplb_jax.runtime.moe.expert_mlp`); ``--spare-slots k`` (with the
+   balanced split) fills ``k`` more slots per device every step with copies
+   of the step's heaviest experts (:func:`eplb_jax.plan_spare_slots`), their
+   weights fetched from the devices that hold them;
 2. the router's top-k ids are counted (:mod:`eplb_jax.runtime.stats`) into a
    sliding window of per-expert loads;
 3. replica gradients are summed per logical expert
    (:func:`eplb_jax.runtime.params.sum_replicas`) and Adam (optax) updates
    every slot, so replicas stay equal;
 4. every ``--rebalance-every`` steps a ``lax.cond`` on the step counter
-   recomputes the placement from the window (:func:`eplb_jax.rebalance_experts`)
-   and moves the expert weights and their Adam moments to the new slots
-   (:func:`eplb_jax.runtime.params.relayout`, :func:`~eplb_jax.runtime.params.relayout_state`).
+   recomputes the placement from the window (:func:`eplb_jax.rebalance_experts`),
+   and from then on every step moves the expert weights and their Adam
+   moments of ``--layers-per-step`` more layers to the new slots
+   (:func:`eplb_jax.runtime.params.transition_step`), each layer routed by
+   the placement its weights are laid out by.
 
 The script reports, per placement, the (token, choice) pairs each device
 receives (max / mean, against what the placement's balance on its window
 predicts), the fraction of pairs over capacity at capacity factors 1.0 and
 1.25 (both counted from the same routing) and the step time; and the same
 per-step max / mean for both splits, with their drops for both capacities,
+and for no balancing (the initial placement, even split) and spare slots
+``k = 1, 2`` (with the weight bytes each device receives for them), all
 on the same router choices (the split not in service from
 :func:`eplb_jax.runtime.moe.dispatch_stats`, the drops from
 :func:`eplb_jax.runtime.moe.kept_pairs`).
@@ -45,7 +52,7 @@ least the first ``--tight-steps``; once rounding tips a near-tie of the
 router, the trajectories part, and the losses are held to ``--loose-rtol``.
 
 Run: ``python examples/train_moe.py --steps 200 --rebalance-every 50 [--split balanced]
-[--capacity-per device]``.
+[--capacity-per device] [--spare-slots 1] [--layers-per-step 1]``.
 """
 
 from __future__ import annotations
@@ -80,6 +87,8 @@ from eplb_jax.runtime import stats
 EXPERT_AXIS = "expert"
 # Capacity factors whose drops every step reports, from that step's routing.
 REPORTED_FACTORS = (1.0, 1.25)
+# Spare slots per device every step reports the balance of, from that step's routing.
+REPORTED_SPARES = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +116,10 @@ class Config:
   split: str = "even"
   # What the capacity bounds (moe.CAPACITY_PER): each (device, slot) stream, or each device.
   capacity_per: str = "slot"
+  # Slots per device filled every step with copies for that step (needs the balanced split).
+  spare_slots: int = 0
+  # Layers whose weights move to a new placement per step (all of them: at once).
+  layers_per_step: int = 1
   router_skew: float = 0.75
   # DeepSeek's placement: its replication minimises the largest replica load,
   # and with a per-slot capacity the heaviest slot decides the drops.
@@ -121,7 +134,8 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar
   params: dict  # router [L, d, E], head [d, d], experts {w_in [L, X, d, h], w_out [L, X, h, d]}
   opt_state: optax.OptState
-  placement: Placement
+  # The placement each layer is served by (transition.service) and the one it moves to.
+  transition: expert_params.Transition
   window: stats.WindowState  # counts [W, L, E]
 
 
@@ -191,7 +205,9 @@ def init_state(cfg: Config, mesh: Mesh) -> TrainState:
   }
   window = stats.window_init(cfg.window, (L, E))
   opt_state = optimizer(cfg).init(params)
-  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, placement, window)
+  transition = expert_params.transition_start(placement, placement)
+  transition = transition._replace(next_layer=jnp.int32(L))  # nothing to move
+  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, transition, window)
   # Every leaf on the mesh (replicated unless already laid out there), so that
   # the step can keep each leaf where it is.
   on_mesh = set(mesh.devices.flat)
@@ -217,6 +233,7 @@ def loss_fn(
       "capacity_factor": cfg.capacity_factor,
       "split": cfg.split,
       "capacity_per": cfg.capacity_per,
+      "spare_slots": cfg.spare_slots,
     }
     if cfg.logical:
       out, layer_stats = moe.moe_reference(*routing, num_gpus=cfg.num_gpus, **options)
@@ -276,28 +293,35 @@ def next_placement(
 
 
 def rebalance(
-  state: TrainState, cfg: Config, mesh: Mesh
+  state: TrainState, cfg: Config
 ) -> tuple[TrainState, tuple[jax.Array, jax.Array, jax.Array]]:
-  """Re-plans from the window and moves the expert weights and their Adam moments.
+  """Re-plans from the window and starts moving to the new placement (:func:`move_layers`).
 
-  When the gate keeps every layer's placement, nothing moves (a ``lax.cond``).
+  When the gate keeps every layer's placement, nothing moves.
   """
-  old = state.placement
+  old = state.transition.service
   new, predicted = next_placement(state.window, old, cfg)
-  params, opt_state = state.params, state.opt_state
-  if not cfg.logical:
+  transition = expert_params.transition_start(old, new)
+  unchanged = jnp.where(predicted[2] > 0, 0, cfg.num_layers).astype(jnp.int32)
+  return state._replace(transition=transition._replace(next_layer=unchanged)), predicted
 
-    def move(params, opt_state):
-      experts = params["experts"]
-      moved = expert_params.relayout(experts, old.log2phy, new.phy2log, mesh=mesh)
-      opt_state = expert_params.relayout_state(
-        opt_state, experts, old.log2phy, new.phy2log, mesh=mesh
-      )
-      return {**params, "experts": moved}, opt_state
 
-    changed = predicted[2] > 0
-    params, opt_state = jax.lax.cond(changed, move, lambda *a: a, params, opt_state)
-  return state._replace(params=params, opt_state=opt_state, placement=new), predicted
+def move_layers(state: TrainState, cfg: Config, mesh: Mesh) -> TrainState:
+  """Moves the weights and Adam moments of ``cfg.layers_per_step`` more layers to the
+  placement being moved to (none once every layer has; a ``lax.cond``)."""
+  experts = {} if cfg.logical else state.params["experts"]
+
+  def move(transition, experts, opt_state):
+    return expert_params.transition_step(
+      transition, experts, opt_state, layers_per_step=cfg.layers_per_step, mesh=mesh
+    )
+
+  moving = state.transition.next_layer < cfg.num_layers
+  transition, experts, opt_state = jax.lax.cond(
+    moving, move, lambda *a: a, state.transition, experts, state.opt_state
+  )
+  params = state.params if cfg.logical else {**state.params, "experts": experts}
+  return state._replace(transition=transition, params=params, opt_state=opt_state)
 
 
 def step_metrics(
@@ -337,30 +361,45 @@ def step_metrics(
     out[f"imbalance[{split}]"] = imbalance(routed.gpu_tokens())
     for (per, factor), cap in capacity.items():
       out[f"dropped@{factor}[{split}/{per}]"] = drop_fraction(routed.routed, cap, per)
+  # No balancing: the initial placement, evenly split.
+  uniform = uniform_placement(cfg)
+  routing = functools.partial(moe.dispatch_stats, num_gpus=cfg.num_gpus, capacity_factor=None)
+  routed = jax.vmap(routing)(ids, uniform.log2phy, uniform.logcnt)
+  out["imbalance[none]"] = imbalance(routed.gpu_tokens())
+  for spares in REPORTED_SPARES:
+    with_spares = functools.partial(routing, split="balanced", spare_slots=spares)
+    routed = jax.vmap(with_spares)(ids, placement.log2phy, placement.logcnt)
+    out[f"imbalance[k={spares}]"] = imbalance(routed.gpu_tokens())
+    # Spare slots that serve pairs: the copies each device fetched (max over devices).
+    per_slot = routed.routed.sum(-2).reshape(cfg.num_layers, cfg.num_gpus, -1)
+    fetched = (per_slot[..., -spares:] > 0).sum(-1)
+    out[f"fetched[k={spares}]"] = fetched.max(-1).mean(dtype=jnp.float32)
   return out
 
 
 def train_step(state: TrainState, cfg: Config, mesh: Mesh) -> tuple[TrainState, dict]:
   """One Adam step, then (every ``rebalance_every`` steps) a rebalance, all in one program."""
   x, y = batch(cfg, state.step)
+  service = state.transition.service
   (loss, (ids, dispatched)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    state.params, state.placement, x, y, cfg, mesh
+    state.params, service, x, y, cfg, mesh
   )
   if not cfg.logical:
     grads["experts"] = expert_params.sum_replicas(
-      grads["experts"], state.placement.phy2log, cfg.num_experts, mesh=mesh
+      grads["experts"], service.phy2log, cfg.num_experts, mesh=mesh
     )
   updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   window = stats.window_update(state.window, stats.expert_counts(ids, cfg.num_experts))
-  state = TrainState(state.step + 1, params, opt_state, state.placement, window)
-  out = step_metrics(loss, dispatched, cfg, ids, state.placement)
+  state = TrainState(state.step + 1, params, opt_state, state.transition, window)
+  out = step_metrics(loss, dispatched, cfg, ids, service)
+  state = move_layers(state, cfg, mesh)
   if cfg.rebalance_every:
     due = state.step % cfg.rebalance_every == 0
     nan = jnp.full((), jnp.nan)
     state, (out["before"], out["after"], out["layers_rebalanced"]) = jax.lax.cond(
       due,
-      functools.partial(rebalance, cfg=cfg, mesh=mesh),
+      functools.partial(rebalance, cfg=cfg),
       lambda s: (s, (nan, nan, nan)),
       state,
     )
@@ -511,6 +550,37 @@ def after_first_rebalance(run: dict[str, np.ndarray]) -> dict[str, dict[str, flo
   }
 
 
+def replication_summary(run: dict[str, np.ndarray], cfg: Config) -> list[str]:
+  """Per-step max / mean pairs per GPU without balancing, with the window placement and each
+  split, and with spare slots; and the expert weights each device receives for the spares."""
+  rebalanced = np.flatnonzero(~np.isnan(run["before"])) if "before" in run else []
+  start = rebalanced[0] + 1 if len(rebalanced) else 0
+  rows = {
+    "no balancing (initial placement, even split)": "none",
+    "window placement, even split": "even",
+    "window placement, balanced split": "balanced",
+    **{f"+ {k} spare slot(s) per device": f"k={k}" for k in REPORTED_SPARES},
+  }
+  lines = [
+    f"per-step max / mean pairs per device after step {start}: "
+    + "; ".join(
+      f"{name} {run[f'imbalance[{key}]'][start:].mean():.3f}" for name, key in rows.items()
+    )
+  ]
+  # One expert's weights (w_in and w_out, float32); every MoE layer fetches its own.
+  expert_mb = 2 * cfg.d_model * cfg.d_hidden * 4 * cfg.num_layers / 1e6
+  slots_per_gpu = cfg.num_replicas // cfg.num_gpus
+  for k in REPORTED_SPARES:
+    fetched = run[f"fetched[k={k}]"][start:].mean()
+    lines.append(
+      f"k={k}: weights received per device per step (all layers): ragged_all_to_all "
+      f"{fetched * expert_mb:.3f} MB ({fetched:.2f} experts per layer, at most {k}), padded "
+      f"all_to_all {cfg.num_gpus * k * expert_mb:.3f} MB, all-gather of every slot "
+      f"{(cfg.num_replicas - slots_per_gpu) * expert_mb:.3f} MB"
+    )
+  return lines
+
+
 def check_same_model(
   run: dict[str, np.ndarray],
   other: dict[str, np.ndarray],
@@ -576,6 +646,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--capacity-per", choices=moe.CAPACITY_PER, default="slot", help="what the capacity bounds"
   )
+  parser.add_argument(
+    "--spare-slots", type=int, default=0, help="per device, filled every step (balanced split)"
+  )
+  parser.add_argument(
+    "--layers-per-step", type=int, default=1, help="layers moved to a new placement per step"
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
     "--rtol", type=float, default=1e-5, help="loss match tolerance while both runs route alike"
@@ -589,6 +665,10 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.rebalance_every <= 0:
     parser.error("--rebalance-every must be positive")
+  if args.layers_per_step <= 0:
+    parser.error("--layers-per-step must be positive")
+  if args.spare_slots and args.split != "balanced":
+    parser.error("--spare-slots needs --split balanced")
 
   cfg = Config(
     window=args.window,
@@ -598,13 +678,16 @@ def main(argv: list[str] | None = None) -> None:
     rebalance_threshold=args.rebalance_threshold,
     split=args.split,
     capacity_per=args.capacity_per,
+    spare_slots=args.spare_slots,
+    layers_per_step=args.layers_per_step,
     seed=args.seed,
   )
   mesh = make_mesh(cfg)
   print(
     f"{cfg.num_layers} MoE layers, {cfg.num_experts} experts -> {cfg.num_replicas} slots "
     f"on {cfg.num_gpus} devices, top-{cfg.top_k}, {cfg.tokens} tokens/step, "
-    f"capacity factor {cfg.capacity_factor} per {cfg.capacity_per}, {cfg.split} split"
+    f"capacity factor {cfg.capacity_factor} per {cfg.capacity_per}, {cfg.split} split, "
+    f"{cfg.spare_slots} spare slots per device, {cfg.layers_per_step} layer(s) moved per step"
   )
   run = train(cfg, args.steps, mesh)
   rows = periods(run, cfg.rebalance_every)
@@ -619,6 +702,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, value in figures.items()
       )
     )
+  print("\n".join(replication_summary(run, cfg)))
   changed = run["layers_rebalanced"][~np.isnan(run["layers_rebalanced"])]
   print(
     f"gated rebalancing (threshold {cfg.rebalance_threshold}): {len(changed)} rebalances due, "
