@@ -26,6 +26,14 @@ def gpu_loads(
 
   ``phy2log [L, P]`` and ``logcnt [L, E]`` are the placement maps; slots are
   numbered GPU by GPU. Same as :meth:`eplb_jax.Placement.gpu_loads`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from eplb_jax import metrics
+    >>> phy2log = jnp.array([[0, 1, 3, 0, 2, 3]])  # 3 slots per GPU on 2 GPUs
+    >>> logcnt = jnp.array([[2, 1, 1, 2]])  # expert 0's load is split over its 2 replicas
+    >>> metrics.gpu_loads(jnp.array([[4.0, 1.0, 1.0, 2.0]]), phy2log, logcnt, num_gpus=2)
+    Array([[4., 4.]], dtype=float32)
   """
   return placement.gpu_loads(weight, phy2log, logcnt, num_gpus)
 
@@ -37,7 +45,14 @@ def layer_balancedness(loads: jax.Array) -> jax.Array:
 
 
 def balancedness(loads: jax.Array) -> jax.Array:
-  """Mean over layers of mean / max GPU load, for ``loads [L, G]``: 1 is perfect."""
+  """Mean over layers of mean / max GPU load, for ``loads [L, G]``: 1 is perfect.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from eplb_jax import metrics
+    >>> metrics.balancedness(jnp.array([[3.0, 5.0], [4.0, 4.0]]))  # (0.8 + 1) / 2
+    Array(0.9, dtype=float32)
+  """
   return layer_balancedness(loads).mean()
 
 

@@ -188,6 +188,16 @@ def rebalance(
 
   Returns:
     The :class:`Placement` (``phy2log``, ``log2phy``, ``logcnt``).
+
+  Example:
+    >>> import numpy as np
+    >>> import eplb_jax
+    >>> topology = eplb_jax.Topology(6, num_groups=1, num_nodes=1, num_gpus=2)
+    >>> placement = eplb_jax.rebalance(np.array([[4.0, 1.0, 1.0, 2.0]]), topology)
+    >>> placement.phy2log  # expert 0 and 3 got a second replica; slots 0-2 are on GPU 0
+    Array([[0, 1, 3, 0, 2, 3]], dtype=int32)
+    >>> placement.gpu_loads(np.array([[4.0, 1.0, 1.0, 2.0]]), num_gpus=2)
+    Array([[4., 4.]], dtype=float32)
   """
   if not isinstance(topology, Topology):
     raise ValueError(f"topology must be a Topology, got {type(topology).__name__}")
@@ -277,6 +287,16 @@ def rebalance_experts(
     slot (``P / num_gpus`` consecutive slots per GPU; -1 on a failed GPU),
     ``log2phy [L, E, P - E + 1]`` the slots of each expert, -1 padded, and
     ``logcnt [L, E]`` the number of replicas of each expert.
+
+  Example:
+    >>> import numpy as np
+    >>> import eplb_jax
+    >>> weight = np.array([[4.0, 1.0, 1.0, 2.0]])  # one layer, four experts
+    >>> phy2log, log2phy, logcnt = eplb_jax.rebalance_experts(weight, 6, 1, 1, 2)
+    >>> logcnt
+    Array([[2, 1, 1, 2]], dtype=int32)
+    >>> log2phy[0, 0]  # the slots of expert 0
+    Array([ 3,  0, -1], dtype=int32)
   """
   return rebalance(
     weight,
@@ -583,6 +603,15 @@ def migration_cost(
     after beyond those it held before (a GPU that had expert 3 once and now has
     it twice receives one replica; an empty slot, -1, receives none);
     ``changed_slots`` counts the slots whose expert changes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import eplb_jax
+    >>> old = jnp.array([[0, 1, 2, 3]])  # two slots per GPU on 2 GPUs
+    >>> eplb_jax.migration_cost(old, jnp.array([[1, 0, 2, 3]]), num_gpus=2)  # within GPU 0
+    (Array([0], dtype=int32), Array([2], dtype=int32))
+    >>> eplb_jax.migration_cost(old, jnp.array([[0, 2, 1, 3]]), num_gpus=2)  # across GPUs
+    (Array([2], dtype=int32), Array([2], dtype=int32))
   """
   old = _check_phy2log(old_phy2log, "old_phy2log")
   new = _check_phy2log(new_phy2log, "new_phy2log")

@@ -59,6 +59,16 @@ def expert_location(placement: Placement, num_gpus: int, num_nodes: int = 1) -> 
 
   Returns:
     The :class:`ExpertLocation`.
+
+  Example:
+    >>> import numpy as np
+    >>> import eplb_jax
+    >>> topology = eplb_jax.Topology(6, num_groups=1, num_nodes=1, num_gpus=2)
+    >>> placement = eplb_jax.rebalance(np.array([[4.0, 1.0, 1.0, 2.0]]), topology)
+    >>> location = eplb_jax.expert_location(placement, num_gpus=2)
+    >>> location.logical_to_rank_dispatch_physical_map  # [L, GPU, expert]: the slot to send to
+    Array([[[0, 1, 4, 2],
+            [3, 1, 4, 5]]], dtype=int32)
   """
   num_gpus = checks.check_size(num_gpus, "num_gpus")
   num_nodes = checks.check_size(num_nodes, "num_nodes")

@@ -398,6 +398,16 @@ def split_tokens(
   Raises:
     ValueError: shapes or dtypes that do not fit, a bad size or solver
       setting; eagerly, negative counts or bad placement entries.
+
+  Example:
+    >>> import numpy as np
+    >>> import eplb_jax
+    >>> topology = eplb_jax.Topology(6, num_groups=1, num_nodes=1, num_gpus=2)
+    >>> placement = eplb_jax.rebalance(np.array([[4.0, 1.0, 1.0, 2.0]]), topology)
+    >>> placement.phy2log
+    Array([[0, 1, 3, 0, 2, 3]], dtype=int32)
+    >>> eplb_jax.split_tokens(np.array([[10, 2, 2, 6]]), placement, topology)  # 10 tokens a GPU
+    Array([[5, 2, 3, 5, 2, 3]], dtype=int32)
   """
   return _checked_split(counts, placement, num_gpus, tolerance, max_steps)[0]
 

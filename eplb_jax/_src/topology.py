@@ -65,6 +65,12 @@ class Topology:
     ValueError: a size is not a positive int below ``2**31``, ``num_replicas`` is not a
       multiple of ``num_gpus``, ``num_gpus`` not a multiple of ``num_nodes``,
       or ``failed_gpus`` holds an id outside ``[0, num_gpus)`` or every GPU.
+
+  Example:
+    >>> import eplb_jax
+    >>> topology = eplb_jax.Topology(288, num_groups=8, num_nodes=4, num_gpus=32)
+    >>> topology.policy, topology.slots_per_gpu, topology.gpus_per_node
+    ('hierarchical', 9, 8)
   """
 
   num_replicas: int

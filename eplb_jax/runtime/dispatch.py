@@ -125,6 +125,16 @@ def physical_slots(
 
   Raises:
     ValueError: the arrays are not integer, or their shapes do not match.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from eplb_jax.runtime import dispatch
+    >>> log2phy = jnp.array([[3, 0], [1, -1], [4, -1], [2, 5]])  # slots of 4 experts
+    >>> logcnt = jnp.array([2, 1, 1, 2])
+    >>> dispatch.physical_slots(log2phy, logcnt, jnp.array([[0, 3], [0, 1], [0, 3]]))
+    Array([[3, 2],
+           [0, 1],
+           [3, 5]], dtype=int32)
   """
   log2phy = jnp.asarray(checks.check_ids(log2phy, "log2phy"))
   if log2phy.ndim not in (2, 3):

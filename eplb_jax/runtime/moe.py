@@ -186,6 +186,11 @@ def capacity(
 
   Raises:
     ValueError: a ``capacity_factor`` that is not finite and positive.
+
+  Example:
+    >>> from eplb_jax.runtime import moe
+    >>> moe.capacity(64, 2, 16, 1.25)  # ceil(1.25 * 64 * 2 / 16)
+    10
   """
   if capacity_factor is None:
     return tokens_per_device

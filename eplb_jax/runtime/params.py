@@ -70,6 +70,13 @@ def apply_placement(
     ValueError: ``phy2log`` is not an integer ``[P]`` or ``[L, P]`` array,
       the leaves do not have ``phy2log``'s layers and one common ``E``, or
       (eagerly) ``phy2log`` holds an id outside ``[0, E)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from eplb_jax.runtime import params
+    >>> logical = {"w": jnp.arange(4.0)}  # one parameter per expert
+    >>> params.apply_placement(logical, jnp.array([0, 1, 3, 0, 2, 3]))
+    {'w': Array([0., 1., 3., 0., 2., 3.], dtype=float32)}
   """
   phy2log = _check_map(phy2log, "phy2log")
   leaves = _check_leaves(params, phy2log)

@@ -50,6 +50,12 @@ def expert_counts(
   Raises:
     ValueError: ``expert_ids`` is not an integer array of rank >= 2, or
       ``mask`` does not broadcast to its tokens.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from eplb_jax.runtime import stats
+    >>> stats.expert_counts(jnp.array([[0, 2], [2, 1]]), num_experts=4)  # [tokens, top_k] ids
+    Array([1, 1, 2, 0], dtype=int32)
   """
   num_experts = checks.check_size(num_experts, "num_experts")
   expert_ids = checks.check_ids(expert_ids, "expert_ids")
@@ -178,6 +184,12 @@ def decayed_load(window: jax.typing.ArrayLike, decay: float) -> jax.Array:
 
   Returns:
     float32 ``window.shape[1:]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from eplb_jax.runtime import stats
+    >>> stats.decayed_load(jnp.array([[1.0, 0.0], [0.0, 1.0]]), 0.5)  # older row weighs 0.5
+    Array([0.5, 1. ], dtype=float32)
   """
   if not 0.0 < decay <= 1.0:
     raise ValueError(f"decay must be in (0, 1], got {decay!r}")
