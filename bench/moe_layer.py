@@ -44,6 +44,10 @@ from eplb_jax.runtime import moe  # noqa: E402
 STEPS = 150
 
 
+def fewer(before: float, after: float) -> str:
+  return f"{before / after:.1f}x fewer" if after else "none left"
+
+
 def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> list[str]:
   rows = train_moe.periods(run, cfg.rebalance_every)
   lines = [f"### {name}", "", *train_moe.table(rows), ""]
@@ -62,8 +66,8 @@ def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> li
     first, second = rows[0], rows[1]
     lines.append(
       f"- first rebalance: dropped at cf 1.25 {100 * first.dropped[1.25]:.2f}% -> "
-      f"{100 * second.dropped[1.25]:.2f}% ({first.dropped[1.25] / second.dropped[1.25]:.1f}x "
-      f"fewer); at cf 1.0 {100 * first.dropped[1.0]:.2f}% -> {100 * second.dropped[1.0]:.2f}%"
+      f"{100 * second.dropped[1.25]:.2f}% ({fewer(first.dropped[1.25], second.dropped[1.25])}"
+      f"); at cf 1.0 {100 * first.dropped[1.0]:.2f}% -> {100 * second.dropped[1.0]:.2f}%"
     )
     worst = max(p.measured / p.predicted for p in rows[1:])
     lines.append(f"- after it: measured max/mean at most {worst:.3f}x the prediction")

@@ -554,6 +554,21 @@ def training_example_with_balanced_split_matches_logical():
 
 
 @check("moe")
+def training_example_with_device_capacity_matches_logical():
+  train_moe, cfg, mesh, _ = example()
+  cfg = dataclasses.replace(cfg, split="balanced", capacity_per="device", capacity_factor=1.0)
+  run = train_moe.train(cfg, 20, mesh)
+  logical = train_moe.train(dataclasses.replace(cfg, logical=True), 20, mesh)
+  train_moe.check_same_model(run, logical, tight_steps=20, rtol=1e-5, loose_rtol=1e-5)
+  np.testing.assert_array_equal(run["dropped@1.0"], run["dropped@1.0[balanced/device]"])
+  # After the first rebalance the balanced split's devices nearly fit the per-device capacity
+  # at cf 1.0: far fewer drops than either split's per-slot capacity.
+  after = train_moe.after_first_rebalance(run)
+  device = after["balanced"]["dropped cf 1.0 per device"]
+  assert device * 5 < min(after[s]["dropped cf 1.0 per slot"] for s in moe.SPLITS), after
+
+
+@check("moe")
 def nnx_example_matches_pure_example():
   require("flax")
   _, cfg, mesh, run = example()

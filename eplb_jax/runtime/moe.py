@@ -821,8 +821,8 @@ def moe_reference(
       in :func:`moe_layer`.
     expert_params: pytree of logical leaves ``[E, ...]``.
     expert_fn: as in :func:`moe_layer` for ``capacity_per``; with
-      ``"device"`` it is called once on every token repeated for each of
-      the ``E`` experts (``group_sizes`` all ``T``).
+      ``"device"`` it is called for each expert in turn on every token, as
+      one group (``params`` leaves ``[1, ...]``, ``group_sizes`` ``[T]``).
     log2phy: ``[E, P - E + 1]`` as :func:`eplb_jax.rebalance_experts`
       returns it; its width gives the number of slots ``P``.
     num_gpus: ``G``, the devices of :func:`moe_layer`'s ``expert_axis``
@@ -853,9 +853,14 @@ def moe_reference(
   if capacity_per == "slot":
     every = jax.vmap(expert_fn, in_axes=(0, None))(expert_params, x)  # [E, T, d_out]
   else:
-    rows = jnp.tile(x, (num_experts, 1))
-    every = expert_fn(expert_params, rows, jnp.full(num_experts, tokens, jnp.int32))
-    every = every.reshape(num_experts, tokens, -1)
+    # One expert at a time, as a single group: a backend that computes ragged_dot densely
+    # (XLA:CPU: every group over every row) then costs what the dense product does.
+    every = jax.lax.map(
+      lambda params: expert_fn(
+        jax.tree.map(lambda leaf: leaf[None], params), x, jnp.full(1, tokens, jnp.int32)
+      ),
+      expert_params,
+    )  # [E, T, d_out]
   valid = (expert_ids >= 0) & (expert_ids < num_experts)
   expert = jnp.where(valid, expert_ids, 0)
   outputs = every[expert, jnp.arange(tokens)[:, None]]  # [T, k, d_out]
