@@ -9,6 +9,7 @@ benchmark shape (eplb_jax.workloads.SHAPES):
 * ``split_tokens`` of one prefill-sized step (4096 tokens per GPU, top-8,
   drawn from the shape's loads) on the default placement: compile and
   milliseconds per call, and the same for a window of 16 such steps;
+* ``plan_spare_slots`` of that step with one spare slot per GPU;
 * the ragged collective the expert-parallel layer uses where a backend has
   it: whether ``jax.lax.ragged_all_to_all`` compiles and runs on a mesh of
   the local devices (a one-device mesh on a single GPU);
@@ -17,7 +18,9 @@ benchmark shape (eplb_jax.workloads.SHAPES):
   (``eplb_jax.runtime.moe.moe_layer``, ``capacity_per="device"``), its loss
   and gradients with the ragged exchange and with the padded one: compile
   and milliseconds per call of each, and whether their outputs, stats and
-  gradients are equal (they must be).
+  gradients are equal (they must be); then the same with one spare slot per
+  device filled every step (``spare_slots=1``: the copies' weights travel by
+  the same two exchanges).
 
 Writes a Markdown table (``--markdown``) with the device line. On a machine
 without an accelerator it runs on the CPU (``--quick``: two shapes, fewer
@@ -29,6 +32,7 @@ repeats), which is how it is kept working.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -94,6 +98,14 @@ def shape_rows(shape: workloads.Shape, repeats: int) -> list[tuple[str, str, flo
         *_timed(lambda c=counts: eplb_jax.split_tokens(c, placement, shape.topology), repeats),
       )
     )
+  plan = functools.partial(eplb_jax.plan_spare_slots, spare_slots=1)
+  rows.append(
+    (
+      shape.name,
+      "plan_spare_slots (one step, 1 spare per GPU)",
+      *_timed(lambda: plan(step, placement, shape.topology), repeats),
+    )
+  )
   return rows
 
 
@@ -123,7 +135,7 @@ def ragged_collective() -> str:
   return f"runs on {n} device(s)"
 
 
-def moe_exchanges(repeats: int, quick: bool) -> list[str]:
+def moe_exchanges(repeats: int, quick: bool, spare_slots: int) -> list[str]:
   """The per-device-capacity layer's step with the ragged and the padded exchange.
 
   ``quick``: a small layer (XLA:CPU computes ``ragged_dot`` densely, every group over every
@@ -166,6 +178,7 @@ def moe_exchanges(repeats: int, quick: bool) -> list[str]:
         capacity_factor=1.25,
         split="balanced",
         capacity_per="device",
+        spare_slots=spare_slots,
         ragged_collective=ragged,
       )
       return jnp.sum(y * jnp.cos(y)), (y, stats)
@@ -185,7 +198,8 @@ def moe_exchanges(repeats: int, quick: bool) -> list[str]:
     lines.append(
       f"- {name}: compile {compile_s:.2f} s, {ms:.3f} ms per loss-and-gradient call "
       f"({tokens} tokens, top-{top_k}, {experts} experts on {num_replicas} slots of {n} "
-      f"device(s), capacity factor 1.25 per device, balanced split; {100 * dropped:.2f}% dropped)"
+      f"device(s), capacity factor 1.25 per device, balanced split, {spare_slots} spare slot(s) "
+      f"per device; {100 * dropped:.2f}% dropped)"
     )
   if len(results) == 2:
     ragged, padded = results.values()
@@ -221,8 +235,10 @@ def main() -> None:
       print(lines[-1], flush=True)
   lines += ["", f"`lax.ragged_all_to_all`: {ragged_collective()}"]
   print(lines[-1])
-  lines += ["", "MoE layer, per-device capacity:", *moe_exchanges(repeats, args.quick)]
-  print("\n".join(lines[-3:]))
+  for spare_slots in (0, 1):
+    lines += ["", f"MoE layer, per-device capacity, {spare_slots} spare slot(s) per device:"]
+    lines += moe_exchanges(repeats, args.quick, spare_slots)
+    print("\n".join(lines[-4:]), flush=True)
   if args.markdown:
     with open(args.markdown, "w") as out:
       out.write("\n".join(lines) + "\n")
