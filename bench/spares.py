@@ -35,7 +35,6 @@ import one_core  # first: XLA flags for one core
 import argparse
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -133,41 +132,11 @@ def cost(args) -> dict:
     counts = jax.device_put(source.steps(1, 1, size, num_gpus, rng)[0].astype(np.int32))
     calls[(size, "split")] = lambda c=counts: split_jit(c, phy2log, num_gpus)
     calls[(size, "plan")] = lambda c=counts: plan_jit(c, phy2log, num_gpus)
-  times = {key: [] for key in calls}
-  for call in calls.values():
-    jax.block_until_ready(call())
-  with one_core.pinned():
-    for _ in range(args.rounds):
-      for key, call in calls.items():
-        for _ in range(args.repeats):
-          start = time.perf_counter()
-          jax.block_until_ready(call())
-          times[key].append(1e3 * (time.perf_counter() - start))
+  times = one_core.interleaved_ms(calls, args.rounds, args.repeats)
   out = {key: float(np.median(t)) for key, t in times.items()}
-  out["compile_s"] = min(compile_seconds() for _ in range(args.compiles))
+  out["compile_s"] = min(per_step.compile_seconds("plan_spare_slots") for _ in range(args.compiles))
   print(out, flush=True)
   return out
-
-
-def compile_seconds() -> float:
-  """First ``plan_spare_slots`` call minus the second, in a fresh process."""
-  done = subprocess.run(
-    [sys.executable, __file__, "--child-compile"], capture_output=True, text=True, check=True
-  )
-  return float(done.stdout.strip().splitlines()[-1])
-
-
-def _child_compile(seed: int) -> None:
-  shape = workloads.SHAPES[COST_SHAPE]
-  source = per_step.Source("lognormal2", shape.num_layers, shape.num_experts, seed, 0.2)
-  phy2log = np.asarray(eplb_jax.rebalance(source.loads[0], shape.topology, mode="greedy").phy2log)
-  counts = source.steps(1, 1, "prefill", shape.num_gpus, np.random.default_rng(seed))[0]
-  times = []
-  for _ in range(2):
-    start = time.perf_counter()
-    jax.block_until_ready(eplb_jax.plan_spare_slots(counts, phy2log, shape.num_gpus))
-    times.append(time.perf_counter() - start)
-  print(times[0] - times[1])
 
 
 def _mean(rows, method, **match) -> float:
@@ -245,12 +214,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--compiles", type=int, default=3)
   parser.add_argument("--skip-cost", action="store_true")
-  parser.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--markdown", type=pathlib.Path)
   args = parser.parse_args()
-  if args.child_compile:
-    _child_compile(args.seed)
-    return
   if args.quick:
     args.shapes, args.families = ["qwen3-30b-a3b", "kimi-k2"], ["lognormal2", "topics"]
     args.drifts, args.steps, args.rounds, args.repeats, args.compiles = [0.0, 0.2], 1, 3, 5, 1
