@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 os.environ.setdefault(
@@ -40,9 +41,7 @@ def interleaved_ms(calls: dict, rounds: int, repeats: int) -> dict:
   ``repeats`` times on one pinned core, so that a slow phase of the machine lands on every
   call alike and their ratios are measured in one run.
   """
-  import time
-
-  import jax
+  import jax  # after the flags above
 
   times = {key: [] for key in calls}
   for call in calls.values():
