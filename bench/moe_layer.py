@@ -6,10 +6,13 @@ and reports, per placement: the (token, choice) pairs each device receives
 (max / mean per step, against what the placement's balance on its window
 predicts), the fraction of pairs over capacity at capacity factors 1.0 and
 1.25 (both from the same routing), and the median step time; plus the time
-of the steps that rebalance; and the same figures for every split of each
-expert's pairs over its replicas (even, and balanced by the step's quotas)
-on the same router choices. Runs: rebalancing every 50 steps at two router
-skews with each split in service, and the same model never rebalanced.
+of the steps that rebalance; and, on the same router choices, the per-step
+max / mean for every split of each expert's pairs over its replicas (even,
+and balanced by the step's quotas) with its drops for either capacity (per
+slot and sending device, or per receiving device). Runs: rebalancing every
+50 steps at two router skews with each split in service (per-slot
+capacity), the balanced split with the per-device capacity in service, and
+the same model never rebalanced.
 
 Run: ``python bench/moe_layer.py [--markdown bench/results/moe_layer.md]`` (about a minute
 on 2 CPU cores). Host devices share the CPU, so step times say little about an accelerator:
@@ -36,14 +39,20 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
 import train_moe  # noqa: E402
 
+from eplb_jax.runtime import moe  # noqa: E402
+
 STEPS = 150
+
+
+def fewer(before: float, after: float) -> str:
+  return f"{before / after:.1f}x fewer" if after else "none left"
 
 
 def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> list[str]:
   rows = train_moe.periods(run, cfg.rebalance_every)
   lines = [f"### {name}", "", *train_moe.table(rows), ""]
-  lines += ["Every split on the same router choices:", ""]
-  lines += [*train_moe.split_table(rows, cfg.split), ""]
+  lines += ["Every split and capacity on the same router choices:", ""]
+  lines += [*train_moe.split_table(rows, cfg), ""]
   rebalancing = run["seconds"][~np.isnan(run["before"])] if cfg.rebalance_every else []
   if len(rebalancing):
     lines.append(f"- steps that rebalance: median {1e3 * np.median(rebalancing):.1f} ms")
@@ -57,16 +66,21 @@ def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> li
     first, second = rows[0], rows[1]
     lines.append(
       f"- first rebalance: dropped at cf 1.25 {100 * first.dropped[1.25]:.2f}% -> "
-      f"{100 * second.dropped[1.25]:.2f}% ({first.dropped[1.25] / second.dropped[1.25]:.1f}x "
-      f"fewer); at cf 1.0 {100 * first.dropped[1.0]:.2f}% -> {100 * second.dropped[1.0]:.2f}%"
+      f"{100 * second.dropped[1.25]:.2f}% ({fewer(first.dropped[1.25], second.dropped[1.25])}"
+      f"); at cf 1.0 {100 * first.dropped[1.0]:.2f}% -> {100 * second.dropped[1.0]:.2f}%"
     )
     worst = max(p.measured / p.predicted for p in rows[1:])
     lines.append(f"- after it: measured max/mean at most {worst:.3f}x the prediction")
     for split, figures in train_moe.after_first_rebalance(run).items():
       lines.append(
         f"- after it, {split} split: per-step max/mean {figures['max/mean']:.3f}, dropped "
-        + ", ".join(
-          f"cf {f} {100 * figures[f'dropped cf {f}']:.2f}%" for f in train_moe.REPORTED_FACTORS
+        + "; ".join(
+          f"per {per} "
+          + ", ".join(
+            f"cf {f} {100 * figures[f'dropped cf {f} per {per}']:.2f}%"
+            for f in train_moe.REPORTED_FACTORS
+          )
+          for per in moe.CAPACITY_PER
         )
       )
   return [*lines, ""]
@@ -85,6 +99,10 @@ def main() -> None:
     for split in ("even", "balanced"):
       name = f"router skew {skew}, rebalanced every {base.rebalance_every} steps, {split} split"
       runs[name] = dataclasses.replace(base, router_skew=skew, split=split)
+  name = f"router skew {base.router_skew}, rebalanced every {base.rebalance_every} steps"
+  runs[f"{name}, balanced split, per-device capacity"] = dataclasses.replace(
+    base, split="balanced", capacity_per="device"
+  )
   runs[f"router skew {base.router_skew}, never rebalanced, even split"] = dataclasses.replace(
     base, rebalance_every=0
   )
@@ -96,19 +114,23 @@ def main() -> None:
     f"on {os.cpu_count()} CPU cores. Model: {base.num_layers} layers, {base.num_experts} experts "
     f"on {base.num_replicas} slots ({base.num_replicas // base.num_gpus} per device), "
     f"top-{base.top_k}, {base.tokens} tokens per step ({base.tokens // base.num_gpus} per "
-    f"device), capacity factor {base.capacity_factor} per slot and sending device, "
+    f"device), capacity factor {base.capacity_factor} (per slot and sending device unless "
+    "the run says per device), "
     f"window {base.window} steps, mode {base.mode!r}, {args.steps} steps per run.",
     "",
     "Columns: *predicted* is max / mean GPU load of the placement on a window "
     "(`Placement.gpu_loads`; the initial placement scored on the first rebalance's window); "
     "*measured* is max / mean of the pairs each device received per step, averaged over the "
-    "steps, *summed* the same over the steps' total; drops are pairs over a slot's capacity "
-    "from one device, as a fraction of all pairs, for both capacity factors from the same "
+    "steps, *summed* the same over the steps' total; drops are pairs over the capacity in "
+    "service, as a fraction of all pairs, for both capacity factors from the same "
     "routing; step ms is the median (the first step, which compiles, excluded; the step "
     "includes its metrics, the other split's routing among them). The split in "
     "service decides the run's routing; each run's second table gives every split's per-step "
-    "max / mean and drops on that run's router choices (the other split from "
-    "`moe.dispatch_stats`), so the splits compare on identical steps.",
+    "max / mean and its drops with either capacity on that run's router choices (the other "
+    "split from `moe.dispatch_stats`, drops from `moe.kept_pairs`), so they compare on "
+    "identical steps. Per slot: each device sends each slot at most "
+    "`ceil(cf * tokens_per_device * k / P)` pairs; per device: each device receives at most "
+    "`ceil(cf * T * k / G)` pairs in all, the streams into it filled level by level.",
     "",
   ]
   for name, cfg in runs.items():

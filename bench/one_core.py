@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 os.environ.setdefault(
@@ -31,3 +32,25 @@ def pinned() -> Iterator[None]:
     yield
   finally:
     os.sched_setaffinity(0, cpus)
+
+
+def interleaved_ms(calls: dict, rounds: int, repeats: int) -> dict:
+  """Per key of ``calls`` (zero-argument callables), the milliseconds of each timed call.
+
+  Every call runs once untimed (compiling it), then ``rounds`` rounds call each in turn
+  ``repeats`` times on one pinned core, so that a slow phase of the machine lands on every
+  call alike and their ratios are measured in one run.
+  """
+  import jax  # after the flags above
+
+  times = {key: [] for key in calls}
+  for call in calls.values():
+    jax.block_until_ready(call())
+  with pinned():
+    for _ in range(rounds):
+      for key, call in calls.items():
+        for _ in range(repeats):
+          start = time.perf_counter()
+          jax.block_until_ready(call())
+          times[key].append(1e3 * (time.perf_counter() - start))
+  return times

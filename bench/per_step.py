@@ -410,42 +410,38 @@ def cost(args) -> dict:
     counts = jax.device_put(source.steps(1, 1, size, num_gpus, rng)[0].astype(np.int32))
     calls[(size, "public")] = lambda c=counts: eplb_jax.split_tokens(c, phy2log, num_gpus)
     calls[(size, "jit")] = lambda c=counts: split_jit(c, phy2log, num_gpus)
-  times = {key: [] for key in calls}
-  for call in calls.values():
-    jax.block_until_ready(call())
-  with one_core.pinned():
-    for _ in range(args.rounds):
-      for key, call in calls.items():
-        for _ in range(args.repeats):
-          start = time.perf_counter()
-          jax.block_until_ready(call())
-          times[key].append(1e3 * (time.perf_counter() - start))
+  times = one_core.interleaved_ms(calls, args.rounds, args.repeats)
   out = {key: (float(np.median(t)), min(t)) for key, t in times.items()}
   out["compile_s"] = min(compile_seconds() for _ in range(args.compiles))
   print(out, flush=True)
   return out
 
 
-def compile_seconds() -> float:
-  """First ``split_tokens`` call minus the second, in a fresh process (cold caches)."""
-  if __name__ != "__main__":
-    raise RuntimeError("compile_seconds runs this file as a script")
+# Programs whose compile time a fresh process measures: name -> (counts, phy2log, G) -> result.
+COMPILED = {"split_tokens": eplb_jax.split_tokens, "plan_spare_slots": eplb_jax.plan_spare_slots}
+
+
+def compile_seconds(program: str = "split_tokens") -> float:
+  """First call of ``program`` (of :data:`COMPILED`) minus the second, in a fresh process."""
   done = subprocess.run(
-    [sys.executable, __file__, "--child-compile"], capture_output=True, text=True, check=True
+    [sys.executable, __file__, "--child-compile", program],
+    capture_output=True,
+    text=True,
+    check=True,
   )
   return float(done.stdout.strip().splitlines()[-1])
 
 
-def _child_compile(seed: int) -> None:
+def _child_compile(seed: int, program: str) -> None:
   shape = workloads.SHAPES[COST_SHAPE]
   source = Source("lognormal2", shape.num_layers, shape.num_experts, seed, 0.2)
-  # A greedy placement: compiles the balancer, not the split.
+  # A greedy placement: compiles the balancer, not the program.
   phy2log = np.asarray(eplb_jax.rebalance(source.loads[0], shape.topology, mode="greedy").phy2log)
   counts = source.steps(1, 1, "prefill", shape.num_gpus, np.random.default_rng(seed))[0]
   times = []
   for _ in range(2):
     start = time.perf_counter()
-    jax.block_until_ready(eplb_jax.split_tokens(counts, phy2log, shape.num_gpus))
+    jax.block_until_ready(COMPILED[program](counts, phy2log, shape.num_gpus))
     times.append(time.perf_counter() - start)
   print(times[0] - times[1])
 
@@ -645,12 +641,12 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--compiles", type=int, default=3, help="fresh processes for the compile")
   parser.add_argument("--skip-cost", action="store_true")
-  parser.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--child-compile", choices=COMPILED, help=argparse.SUPPRESS)
   parser.add_argument("--markdown", type=pathlib.Path)
   parser.add_argument("--plot", type=pathlib.Path, default=pathlib.Path("bench/out/per_step.png"))
   args = parser.parse_args()
   if args.child_compile:
-    _child_compile(args.seed)
+    _child_compile(args.seed, args.child_compile)
     return
   if args.quick:
     args.shapes, args.families = ["qwen3-30b-a3b", "deepseek-v3-prefill"], ["lognormal2", "topics"]

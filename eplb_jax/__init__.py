@@ -27,6 +27,8 @@ from eplb_jax._src.modes import GpuAware
 from eplb_jax._src.modes import Greedy
 from eplb_jax._src.modes import Refined
 from eplb_jax._src.placement import Placement
+from eplb_jax._src.spares import SparePlan
+from eplb_jax._src.spares import plan_spare_slots
 from eplb_jax._src.split import split_probabilities
 from eplb_jax._src.split import split_tokens
 from eplb_jax._src.steps import rebalance_for_steps
@@ -41,6 +43,7 @@ __all__ = [
   "Greedy",
   "Placement",
   "Refined",
+  "SparePlan",
   "Topology",
   "balanced_packing",
   "expert_location",
@@ -48,6 +51,7 @@ __all__ = [
   "gated_rebalance",
   "metrics",
   "migration_cost",
+  "plan_spare_slots",
   "rebalance",
   "rebalance_experts",
   "rebalance_experts_hierarchical",

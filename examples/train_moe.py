@@ -9,27 +9,39 @@ function:
 
 1. each MoE layer (:func:`eplb_jax.runtime.moe.moe_layer`) sends every
    (token, choice) to one replica of its expert with an all-to-all, drops
-   the pairs over a slot's capacity, runs each device's own slots and sends
-   the outputs back; ``--split`` chooses how an expert's pairs spread over
-   its replicas: evenly, or ``balanced`` by the step's own counts (the
-   devices all-gather their counts and split each expert's pairs for the
-   lightest heaviest GPU, :func:`eplb_jax.split_tokens`);
+   the pairs over capacity, runs each device's own slots and sends the
+   outputs back; ``--split`` chooses how an expert's pairs spread over its
+   replicas: evenly, or ``balanced`` by the step's own counts (the devices
+   all-gather their counts and split each expert's pairs for the lightest
+   heaviest GPU, :func:`eplb_jax.split_tokens`); ``--capacity-per`` what the
+   capacity bounds: each slot's pairs from each device, or each device's
+   pairs in all (its experts then run on ragged groups,
+   :func:`eplb_jax.runtime.moe.expert_mlp`); ``--spare-slots k`` (with the
+   balanced split) fills ``k`` more slots per device every step with copies
+   of the step's heaviest experts (:func:`eplb_jax.plan_spare_slots`), their
+   weights fetched from the devices that hold them;
 2. the router's top-k ids are counted (:mod:`eplb_jax.runtime.stats`) into a
    sliding window of per-expert loads;
 3. replica gradients are summed per logical expert
    (:func:`eplb_jax.runtime.params.sum_replicas`) and Adam (optax) updates
    every slot, so replicas stay equal;
 4. every ``--rebalance-every`` steps a ``lax.cond`` on the step counter
-   recomputes the placement from the window (:func:`eplb_jax.rebalance_experts`)
-   and moves the expert weights and their Adam moments to the new slots
-   (:func:`eplb_jax.runtime.params.relayout`, :func:`~eplb_jax.runtime.params.relayout_state`).
+   recomputes the placement from the window (:func:`eplb_jax.rebalance_experts`),
+   and from then on every step moves the expert weights and their Adam
+   moments of ``--layers-per-step`` more layers to the new slots
+   (:func:`eplb_jax.runtime.params.transition_step`), each layer routed by
+   the placement its weights are laid out by.
 
 The script reports, per placement, the (token, choice) pairs each device
 receives (max / mean, against what the placement's balance on its window
 predicts), the fraction of pairs over capacity at capacity factors 1.0 and
 1.25 (both counted from the same routing) and the step time; and the same
-per-step max / mean and drops for both splits on the same router choices
-(the split not in service from :func:`eplb_jax.runtime.moe.dispatch_stats`).
+per-step max / mean for both splits, with their drops for both capacities,
+and for no balancing (the initial placement, even split) and spare slots
+``k = 1, 2`` (with the weight bytes each device receives for them), all
+on the same router choices (the split not in service from
+:func:`eplb_jax.runtime.moe.dispatch_stats`, the drops from
+:func:`eplb_jax.runtime.moe.kept_pairs`).
 It also trains the logical model (logical expert weights, each expert
 applied to every token, with the same placements deciding the same drops:
 :func:`eplb_jax.runtime.moe.moe_reference`) and asserts both runs agree
@@ -39,7 +51,8 @@ exactly for as long as their routers choose alike, which must hold for at
 least the first ``--tight-steps``; once rounding tips a near-tie of the
 router, the trajectories part, and the losses are held to ``--loose-rtol``.
 
-Run: ``python examples/train_moe.py --steps 200 --rebalance-every 50 [--split balanced]``.
+Run: ``python examples/train_moe.py --steps 200 --rebalance-every 50 [--split balanced]
+[--capacity-per device] [--spare-slots 1] [--layers-per-step 1]``.
 """
 
 from __future__ import annotations
@@ -74,6 +87,8 @@ from eplb_jax.runtime import stats
 EXPERT_AXIS = "expert"
 # Capacity factors whose drops every step reports, from that step's routing.
 REPORTED_FACTORS = (1.0, 1.25)
+# Spare slots per device every step reports the balance of, from that step's routing.
+REPORTED_SPARES = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +114,12 @@ class Config:
   # How each expert's pairs are split over its replicas (moe.SPLITS): "even", or
   # "balanced" by each step's quotas of the lightest heaviest GPU.
   split: str = "even"
+  # What the capacity bounds (moe.CAPACITY_PER): each (device, slot) stream, or each device.
+  capacity_per: str = "slot"
+  # Slots per device filled every step with copies for that step (needs the balanced split).
+  spare_slots: int = 0
+  # Layers whose weights move to a new placement per step (all of them: at once).
+  layers_per_step: int = 1
   router_skew: float = 0.75
   # DeepSeek's placement: its replication minimises the largest replica load,
   # and with a per-slot capacity the heaviest slot decides the drops.
@@ -113,7 +134,8 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar
   params: dict  # router [L, d, E], head [d, d], experts {w_in [L, X, d, h], w_out [L, X, h, d]}
   opt_state: optax.OptState
-  placement: Placement
+  # The placement each layer is served by (transition.service) and the one it moves to.
+  transition: expert_params.Transition
   window: stats.WindowState  # counts [W, L, E]
 
 
@@ -147,11 +169,6 @@ def batch(cfg: Config, step: jax.Array) -> tuple[jax.Array, jax.Array]:
     jax.random.fold_in(jax.random.key(cfg.seed + 2), step), (cfg.tokens, cfg.d_model)
   )
   return x, jnp.sin(x @ teacher / np.sqrt(cfg.d_model))
-
-
-def expert_mlp(params: dict, x: jax.Array) -> jax.Array:
-  """One expert on ``[n, d]`` rows."""
-  return jax.nn.relu(x @ params["w_in"]) @ params["w_out"]
 
 
 def uniform_placement(cfg: Config) -> Placement:
@@ -188,7 +205,9 @@ def init_state(cfg: Config, mesh: Mesh) -> TrainState:
   }
   window = stats.window_init(cfg.window, (L, E))
   opt_state = optimizer(cfg).init(params)
-  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, placement, window)
+  transition = expert_params.transition_start(placement, placement)
+  transition = transition._replace(next_layer=jnp.int32(L))  # nothing to move
+  state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, transition, window)
   # Every leaf on the mesh (replicated unless already laid out there), so that
   # the step can keep each leaf where it is.
   on_mesh = set(mesh.devices.flat)
@@ -209,8 +228,13 @@ def loss_fn(
     gates, ids = moe.top_k_routing(h @ params["router"][layer] + skew[layer], cfg.top_k)
     experts = jax.tree.map(lambda w, layer=layer: w[layer], params["experts"])
     maps = placement.log2phy[layer], placement.logcnt[layer]
-    routing = (h, gates, ids, experts, expert_mlp, *maps)
-    options = {"capacity_factor": cfg.capacity_factor, "split": cfg.split}
+    routing = (h, gates, ids, experts, moe.expert_mlp, *maps)
+    options = {
+      "capacity_factor": cfg.capacity_factor,
+      "split": cfg.split,
+      "capacity_per": cfg.capacity_per,
+      "spare_slots": cfg.spare_slots,
+    }
     if cfg.logical:
       out, layer_stats = moe.moe_reference(*routing, num_gpus=cfg.num_gpus, **options)
     else:
@@ -228,9 +252,19 @@ def imbalance(loads: jax.Array) -> jax.Array:
   return jnp.mean(loads.max(-1) / jnp.maximum(loads.mean(-1), 1e-9))
 
 
-def drop_fraction(routed: jax.Array, capacity: int) -> jax.Array:
-  """The fraction of the pairs in ``routed [L, G, P]`` beyond ``capacity`` per device and slot."""
-  return jnp.maximum(routed - capacity, 0).sum() / jnp.maximum(routed.sum(), 1)
+def capacities(cfg: Config) -> dict[tuple[str, float], int]:
+  """``(capacity_per, factor) -> capacity`` for every capacity and reported factor."""
+  shape = (cfg.tokens // cfg.num_gpus, cfg.top_k)
+  return {
+    **{("slot", f): moe.capacity(*shape, cfg.num_replicas, f) for f in REPORTED_FACTORS},
+    **{("device", f): moe.device_capacity(*shape, cfg.num_gpus, f) for f in REPORTED_FACTORS},
+  }
+
+
+def drop_fraction(routed: jax.Array, capacity: int, capacity_per: str) -> jax.Array:
+  """The fraction of the pairs in ``routed [L, G, P]`` over ``capacity`` (per slot or device)."""
+  dropped = routed - moe.kept_pairs(routed, capacity, capacity_per)
+  return dropped.sum() / jnp.maximum(routed.sum(), 1)
 
 
 def next_placement(
@@ -259,28 +293,35 @@ def next_placement(
 
 
 def rebalance(
-  state: TrainState, cfg: Config, mesh: Mesh
+  state: TrainState, cfg: Config
 ) -> tuple[TrainState, tuple[jax.Array, jax.Array, jax.Array]]:
-  """Re-plans from the window and moves the expert weights and their Adam moments.
+  """Re-plans from the window and starts moving to the new placement (:func:`move_layers`).
 
-  When the gate keeps every layer's placement, nothing moves (a ``lax.cond``).
+  When the gate keeps every layer's placement, nothing moves.
   """
-  old = state.placement
+  old = state.transition.service
   new, predicted = next_placement(state.window, old, cfg)
-  params, opt_state = state.params, state.opt_state
-  if not cfg.logical:
+  transition = expert_params.transition_start(old, new)
+  unchanged = jnp.where(predicted[2] > 0, 0, cfg.num_layers).astype(jnp.int32)
+  return state._replace(transition=transition._replace(next_layer=unchanged)), predicted
 
-    def move(params, opt_state):
-      experts = params["experts"]
-      moved = expert_params.relayout(experts, old.log2phy, new.phy2log, mesh=mesh)
-      opt_state = expert_params.relayout_state(
-        opt_state, experts, old.log2phy, new.phy2log, mesh=mesh
-      )
-      return {**params, "experts": moved}, opt_state
 
-    changed = predicted[2] > 0
-    params, opt_state = jax.lax.cond(changed, move, lambda *a: a, params, opt_state)
-  return state._replace(params=params, opt_state=opt_state, placement=new), predicted
+def move_layers(state: TrainState, cfg: Config, mesh: Mesh) -> TrainState:
+  """Moves the weights and Adam moments of ``cfg.layers_per_step`` more layers to the
+  placement being moved to (none once every layer has; a ``lax.cond``)."""
+  experts = {} if cfg.logical else state.params["experts"]
+
+  def move(transition, experts, opt_state):
+    return expert_params.transition_step(
+      transition, experts, opt_state, layers_per_step=cfg.layers_per_step, mesh=mesh
+    )
+
+  moving = state.transition.next_layer < cfg.num_layers
+  transition, experts, opt_state = jax.lax.cond(
+    moving, move, lambda *a: a, state.transition, experts, state.opt_state
+  )
+  params = state.params if cfg.logical else {**state.params, "experts": experts}
+  return state._replace(transition=transition, params=params, opt_state=opt_state)
 
 
 def step_metrics(
@@ -292,13 +333,13 @@ def step_metrics(
 ) -> dict:
   """Loss, the router's counts, pairs per GPU and their max / mean, and the fractions dropped.
 
-  ``imbalance`` and ``dropped@{factor}`` are the split in service's; their
-  ``[split]`` versions give every split of :data:`moe.SPLITS` on the same
-  router choices ``ids [L, T, k]`` (the other split's from
-  :func:`moe.dispatch_stats`, the routing alone), so the splits compare on
-  identical steps.
+  ``imbalance`` and ``dropped@{factor}`` are the split and capacity in
+  service's; ``imbalance[split]`` and ``dropped@{factor}[split/capacity_per]``
+  give every split of :data:`moe.SPLITS` and capacity of
+  :data:`moe.CAPACITY_PER` on the same router choices ``ids [L, T, k]``
+  (the other split's from :func:`moe.dispatch_stats`, the routing alone),
+  so they compare on identical steps.
   """
-  tokens_per_gpu = cfg.tokens // cfg.num_gpus
   out = {
     "loss": loss,
     "counts": stats.expert_counts(ids, cfg.num_experts),
@@ -306,12 +347,10 @@ def step_metrics(
     "gpu_tokens": dispatched.gpu_tokens(),
     "dropped": dispatched.dropped.sum() / jnp.maximum(dispatched.routed.sum(), 1),
   }
-  capacities = {
-    factor: moe.capacity(tokens_per_gpu, cfg.top_k, cfg.num_replicas, factor)
-    for factor in REPORTED_FACTORS
-  }
-  for factor, capacity in capacities.items():
-    out[f"dropped@{factor}"] = drop_fraction(dispatched.routed, capacity)
+  capacity = capacities(cfg)
+  for factor in REPORTED_FACTORS:
+    in_service = capacity[cfg.capacity_per, factor]
+    out[f"dropped@{factor}"] = drop_fraction(dispatched.routed, in_service, cfg.capacity_per)
   for split in moe.SPLITS:
     routed = dispatched
     if split != cfg.split:
@@ -320,32 +359,47 @@ def step_metrics(
       )
       routed = jax.vmap(routing)(ids, placement.log2phy, placement.logcnt)
     out[f"imbalance[{split}]"] = imbalance(routed.gpu_tokens())
-    for factor, capacity in capacities.items():
-      out[f"dropped@{factor}[{split}]"] = drop_fraction(routed.routed, capacity)
+    for (per, factor), cap in capacity.items():
+      out[f"dropped@{factor}[{split}/{per}]"] = drop_fraction(routed.routed, cap, per)
+  # No balancing: the initial placement, evenly split.
+  uniform = uniform_placement(cfg)
+  routing = functools.partial(moe.dispatch_stats, num_gpus=cfg.num_gpus, capacity_factor=None)
+  routed = jax.vmap(routing)(ids, uniform.log2phy, uniform.logcnt)
+  out["imbalance[none]"] = imbalance(routed.gpu_tokens())
+  for spares in REPORTED_SPARES:
+    with_spares = functools.partial(routing, split="balanced", spare_slots=spares)
+    routed = jax.vmap(with_spares)(ids, placement.log2phy, placement.logcnt)
+    out[f"imbalance[k={spares}]"] = imbalance(routed.gpu_tokens())
+    # Spare slots that serve pairs: the copies each device fetched (max over devices).
+    per_slot = routed.routed.sum(-2).reshape(cfg.num_layers, cfg.num_gpus, -1)
+    fetched = (per_slot[..., -spares:] > 0).sum(-1)
+    out[f"fetched[k={spares}]"] = fetched.max(-1).mean(dtype=jnp.float32)
   return out
 
 
 def train_step(state: TrainState, cfg: Config, mesh: Mesh) -> tuple[TrainState, dict]:
   """One Adam step, then (every ``rebalance_every`` steps) a rebalance, all in one program."""
   x, y = batch(cfg, state.step)
+  service = state.transition.service
   (loss, (ids, dispatched)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    state.params, state.placement, x, y, cfg, mesh
+    state.params, service, x, y, cfg, mesh
   )
   if not cfg.logical:
     grads["experts"] = expert_params.sum_replicas(
-      grads["experts"], state.placement.phy2log, cfg.num_experts, mesh=mesh
+      grads["experts"], service.phy2log, cfg.num_experts, mesh=mesh
     )
   updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   window = stats.window_update(state.window, stats.expert_counts(ids, cfg.num_experts))
-  state = TrainState(state.step + 1, params, opt_state, state.placement, window)
-  out = step_metrics(loss, dispatched, cfg, ids, state.placement)
+  state = TrainState(state.step + 1, params, opt_state, state.transition, window)
+  out = step_metrics(loss, dispatched, cfg, ids, service)
+  state = move_layers(state, cfg, mesh)
   if cfg.rebalance_every:
     due = state.step % cfg.rebalance_every == 0
     nan = jnp.full((), jnp.nan)
     state, (out["before"], out["after"], out["layers_rebalanced"]) = jax.lax.cond(
       due,
-      functools.partial(rebalance, cfg=cfg, mesh=mesh),
+      functools.partial(rebalance, cfg=cfg),
       lambda s: (s, (nan, nan, nan)),
       state,
     )
@@ -394,10 +448,10 @@ class Period(NamedTuple):
   summed: float  # max / mean pairs per GPU summed over the steps
   dropped: dict[float, float]  # capacity factor -> fraction of pairs dropped
   seconds: float  # median step time
-  # Per split of moe.SPLITS on the same router choices: max / mean pairs per
-  # GPU (mean over the steps), and capacity factor -> fraction dropped.
+  # On the same router choices: per split of moe.SPLITS, max / mean pairs per
+  # GPU (mean over the steps); per (split, capacity_per), factor -> fraction dropped.
   split_measured: dict[str, float]
-  split_dropped: dict[str, dict[float, float]]
+  split_dropped: dict[tuple[str, str], dict[float, float]]
 
 
 def periods(run: dict[str, np.ndarray], rebalance_every: int) -> list[Period]:
@@ -430,8 +484,11 @@ def periods(run: dict[str, np.ndarray], rebalance_every: int) -> list[Period]:
         seconds=float(np.median(timed)) if len(timed) else np.nan,
         split_measured={s: float(run[f"imbalance[{s}]"][start:stop].mean()) for s in moe.SPLITS},
         split_dropped={
-          s: {f: float(run[f"dropped@{f}[{s}]"][start:stop].mean()) for f in REPORTED_FACTORS}
+          (s, c): {
+            f: float(run[f"dropped@{f}[{s}/{c}]"][start:stop].mean()) for f in REPORTED_FACTORS
+          }
           for s in moe.SPLITS
+          for c in moe.CAPACITY_PER
         },
       )
     )
@@ -455,37 +512,73 @@ def table(rows: list[Period]) -> list[str]:
   return lines
 
 
-def split_table(rows: list[Period], in_service: str) -> list[str]:
-  """Markdown table of every split on the same router choices, per period of :func:`periods`."""
+def split_table(rows: list[Period], cfg: Config) -> list[str]:
+  """Markdown table of every split and capacity on the same router choices, per period of
+  :func:`periods`."""
   lines = [
-    "| steps | split | max/mean per step | "
+    "| steps | split | max/mean per step | capacity per | "
     + " | ".join(f"dropped cf {f}" for f in REPORTED_FACTORS)
     + " |",
-    "|---|---|---:|" + "---:|" * len(REPORTED_FACTORS),
+    "|---|---|---:|---|" + "---:|" * len(REPORTED_FACTORS),
   ]
   for p in rows:
     for split in moe.SPLITS:
-      drops = " | ".join(f"{100 * p.split_dropped[split][f]:.2f}%" for f in REPORTED_FACTORS)
-      name = f"{split} (in service)" if split == in_service else split
-      lines.append(f"| {p.first}-{p.last} | {name} | {p.split_measured[split]:.3f} | {drops} |")
+      for per in moe.CAPACITY_PER:
+        drops = " | ".join(f"{100 * p.split_dropped[split, per][f]:.2f}%" for f in REPORTED_FACTORS)
+        name = f"{per} (in service)" if (split, per) == (cfg.split, cfg.capacity_per) else per
+        lines.append(
+          f"| {p.first}-{p.last} | {split} | {p.split_measured[split]:.3f} | {name} | {drops} |"
+        )
   return lines
 
 
 def after_first_rebalance(run: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-  """Per split: mean per-step max / mean pairs per GPU and drops, over the steps after the
-  first rebalance (all steps without one)."""
+  """Per split: mean per-step max / mean pairs per GPU and drops per capacity, over the steps
+  after the first rebalance (all steps without one)."""
   rebalanced = np.flatnonzero(~np.isnan(run["before"])) if "before" in run else []
   start = rebalanced[0] + 1 if len(rebalanced) else 0
   return {
     split: {
       "max/mean": float(run[f"imbalance[{split}]"][start:].mean()),
       **{
-        f"dropped cf {f}": float(run[f"dropped@{f}[{split}]"][start:].mean())
+        f"dropped cf {f} per {per}": float(run[f"dropped@{f}[{split}/{per}]"][start:].mean())
+        for per in moe.CAPACITY_PER
         for f in REPORTED_FACTORS
       },
     }
     for split in moe.SPLITS
   }
+
+
+def replication_summary(run: dict[str, np.ndarray], cfg: Config) -> list[str]:
+  """Per-step max / mean pairs per GPU without balancing, with the window placement and each
+  split, and with spare slots; and the expert weights each device receives for the spares."""
+  rebalanced = np.flatnonzero(~np.isnan(run["before"])) if "before" in run else []
+  start = rebalanced[0] + 1 if len(rebalanced) else 0
+  rows = {
+    "no balancing (initial placement, even split)": "none",
+    "window placement, even split": "even",
+    "window placement, balanced split": "balanced",
+    **{f"+ {k} spare slot(s) per device": f"k={k}" for k in REPORTED_SPARES},
+  }
+  lines = [
+    f"per-step max / mean pairs per device after step {start}: "
+    + "; ".join(
+      f"{name} {run[f'imbalance[{key}]'][start:].mean():.3f}" for name, key in rows.items()
+    )
+  ]
+  # One expert's weights (w_in and w_out, float32); every MoE layer fetches its own.
+  expert_mb = 2 * cfg.d_model * cfg.d_hidden * 4 * cfg.num_layers / 1e6
+  slots_per_gpu = cfg.num_replicas // cfg.num_gpus
+  for k in REPORTED_SPARES:
+    fetched = run[f"fetched[k={k}]"][start:].mean()
+    lines.append(
+      f"k={k}: weights received per device per step (all layers): ragged_all_to_all "
+      f"{fetched * expert_mb:.3f} MB ({fetched:.2f} experts per layer, at most {k}), padded "
+      f"all_to_all {cfg.num_gpus * k * expert_mb:.3f} MB, all-gather of every slot "
+      f"{(cfg.num_replicas - slots_per_gpu) * expert_mb:.3f} MB"
+    )
+  return lines
 
 
 def check_same_model(
@@ -550,6 +643,15 @@ def main(argv: list[str] | None = None) -> None:
     "--rebalance-threshold", type=float, default=0.02, help="gate: relative gain a layer needs"
   )
   parser.add_argument("--split", choices=moe.SPLITS, default="even", help="the split in service")
+  parser.add_argument(
+    "--capacity-per", choices=moe.CAPACITY_PER, default="slot", help="what the capacity bounds"
+  )
+  parser.add_argument(
+    "--spare-slots", type=int, default=0, help="per device, filled every step (balanced split)"
+  )
+  parser.add_argument(
+    "--layers-per-step", type=int, default=1, help="layers moved to a new placement per step"
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
     "--rtol", type=float, default=1e-5, help="loss match tolerance while both runs route alike"
@@ -563,6 +665,10 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.rebalance_every <= 0:
     parser.error("--rebalance-every must be positive")
+  if args.layers_per_step <= 0:
+    parser.error("--layers-per-step must be positive")
+  if args.spare_slots and args.split != "balanced":
+    parser.error("--spare-slots needs --split balanced")
 
   cfg = Config(
     window=args.window,
@@ -571,19 +677,23 @@ def main(argv: list[str] | None = None) -> None:
     capacity_factor=args.capacity_factor,
     rebalance_threshold=args.rebalance_threshold,
     split=args.split,
+    capacity_per=args.capacity_per,
+    spare_slots=args.spare_slots,
+    layers_per_step=args.layers_per_step,
     seed=args.seed,
   )
   mesh = make_mesh(cfg)
   print(
     f"{cfg.num_layers} MoE layers, {cfg.num_experts} experts -> {cfg.num_replicas} slots "
     f"on {cfg.num_gpus} devices, top-{cfg.top_k}, {cfg.tokens} tokens/step, "
-    f"capacity factor {cfg.capacity_factor}, {cfg.split} split"
+    f"capacity factor {cfg.capacity_factor} per {cfg.capacity_per}, {cfg.split} split, "
+    f"{cfg.spare_slots} spare slots per device, {cfg.layers_per_step} layer(s) moved per step"
   )
   run = train(cfg, args.steps, mesh)
   rows = periods(run, cfg.rebalance_every)
   print("\n".join(table(rows)))
-  print("\nEvery split on the same router choices:")
-  print("\n".join(split_table(rows, cfg.split)))
+  print("\nEvery split and capacity on the same router choices:")
+  print("\n".join(split_table(rows, cfg)))
   for split, figures in after_first_rebalance(run).items():
     print(
       f"after the first rebalance, {split} split: "
@@ -592,6 +702,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, value in figures.items()
       )
     )
+  print("\n".join(replication_summary(run, cfg)))
   changed = run["layers_rebalanced"][~np.isnan(run["layers_rebalanced"])]
   print(
     f"gated rebalancing (threshold {cfg.rebalance_threshold}): {len(changed)} rebalances due, "

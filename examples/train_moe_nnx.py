@@ -5,12 +5,15 @@ expert weights are ``nnx.Param``; the placement, the load window and the step
 counter are non-trainable variables. Its MoE layers call
 :func:`eplb_jax.runtime.moe.moe_layer`, and one ``nnx.jit`` step trains it with
 an ``nnx.Optimizer`` (optax Adam), records the router's loads, and every
-``rebalance_every`` steps (an ``nnx.cond``) re-plans the placement and moves
-the expert ``Param``s and their Adam moments to their new slots. It starts
+``rebalance_every`` steps (an ``nnx.cond``) re-plans the placement, then moves
+the expert ``Param``s and their Adam moments to their new slots a few layers
+per step (:func:`eplb_jax.runtime.params.transition_step`). It starts
 from the weights of ``train_moe.py`` and runs the same computation, so its
 losses are the pure-JAX example's; the script checks that (as
 :func:`train_moe.check_same_model` does). ``--split balanced`` splits each
-expert's pairs by the step's quotas, as in ``train_moe.py``.
+expert's pairs by the step's quotas, ``--capacity-per device`` bounds each
+device's pairs and ``--spare-slots`` fills spare slots every step, as in
+``train_moe.py``.
 
 Needs ``pip install "eplb-jax[examples]"`` (flax and optax). Run:
 ``python examples/train_moe_nnx.py --steps 100 --rebalance-every 50``.
@@ -40,7 +43,7 @@ from eplb_jax.runtime import stats
 
 
 class Layout(nnx.Variable):
-  """The placement in service (not trained)."""
+  """The placements: each layer's in service and the one it moves to (not trained)."""
 
 
 class Counter(nnx.Variable):
@@ -65,13 +68,13 @@ class MoeModel(nnx.Module):
     self.router = nnx.Param(init.params["router"])
     self.head = nnx.Param(init.params["head"])
     self.experts = Experts(**init.params["experts"])
-    self.placement = Layout(init.placement)
+    self.transition = Layout(init.transition)
     self.window = Counter(init.window)
     self.step = Counter(init.step)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, moe.DispatchStats]:
     """``(outputs [T, d], router ids [L, T, k], stacked dispatch stats)``."""
-    cfg, placement = self.cfg, self.placement.get_value()
+    cfg, placement = self.cfg, self.transition.get_value().service
     skew = base.router_skew(cfg)
     h, all_ids, all_stats = x, [], []
     for layer in range(cfg.num_layers):
@@ -82,13 +85,15 @@ class MoeModel(nnx.Module):
         gates,
         ids,
         experts,
-        base.expert_mlp,
+        moe.expert_mlp,
         placement.log2phy[layer],
         placement.logcnt[layer],
         mesh=self.mesh,
         expert_axis=base.EXPERT_AXIS,
         capacity_factor=cfg.capacity_factor,
         split=cfg.split,
+        capacity_per=cfg.capacity_per,
+        spare_slots=cfg.spare_slots,
       )
       h = h + out
       all_ids.append(ids)
@@ -97,22 +102,36 @@ class MoeModel(nnx.Module):
 
 
 def rebalance(model: MoeModel, optimizer: nnx.Optimizer) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Re-plans from the window; moves the expert ``Param``s and their optimizer state."""
-  old = model.placement.get_value()
-  new, predicted = base.next_placement(model.window.get_value(), old, model.cfg)
-  move = {"log2phy": old.log2phy, "new_phy2log": new.phy2log, "mesh": model.mesh}
-  weights = nnx.state(model.experts)
-  # Optimizer state as plain nested dicts: its moments then have the
-  # structure of the plain expert weights, which relayout_state looks for.
-  opt_state = nnx.state(optimizer)
-  moved = expert_params.relayout_state(
-    nnx.to_pure_dict(opt_state), nnx.to_pure_dict(weights), **move
-  )
-  nnx.replace_by_pure_dict(opt_state, moved)
-  nnx.update(optimizer, opt_state)
-  nnx.update(model.experts, expert_params.relayout(weights, **move))
-  model.placement.set_value(new)
+  """Re-plans from the window and starts moving to the new placement (:func:`move_layers`)."""
+  cfg, old = model.cfg, model.transition.get_value().service
+  new, predicted = base.next_placement(model.window.get_value(), old, cfg)
+  transition = expert_params.transition_start(old, new)
+  unchanged = jnp.where(predicted[2] > 0, 0, cfg.num_layers).astype(jnp.int32)
+  model.transition.set_value(transition._replace(next_layer=unchanged))
   return predicted
+
+
+def move_layers(model: MoeModel, optimizer: nnx.Optimizer) -> None:
+  """Moves the expert ``Param``s and their optimizer state of the next layers."""
+  weights, opt_state = nnx.state(model.experts), nnx.state(optimizer)
+  # Optimizer state as plain nested dicts: its moments then have the
+  # structure of the plain expert weights, which transition_step looks for.
+  transition, moved, moved_state = expert_params.transition_step(
+    model.transition.get_value(),
+    nnx.to_pure_dict(weights),
+    nnx.to_pure_dict(opt_state),
+    layers_per_step=model.cfg.layers_per_step,
+    mesh=model.mesh,
+  )
+  nnx.replace_by_pure_dict(opt_state, moved_state)
+  nnx.update(optimizer, opt_state)
+  nnx.replace_by_pure_dict(weights, moved)
+  nnx.update(model.experts, weights)
+  model.transition.set_value(transition)
+
+
+def stay(model: MoeModel, optimizer: nnx.Optimizer) -> None:
+  del model, optimizer
 
 
 def keep(model: MoeModel, optimizer: nnx.Optimizer) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -131,14 +150,17 @@ def train_step(model: MoeModel, optimizer: nnx.Optimizer) -> dict:
     return jnp.mean((out - y) ** 2), (ids, dispatched)
 
   (loss, (ids, dispatched)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  service = model.transition.get_value().service
   grads["experts"] = expert_params.sum_replicas(
-    grads["experts"], model.placement.get_value().phy2log, cfg.num_experts, mesh=model.mesh
+    grads["experts"], service.phy2log, cfg.num_experts, mesh=model.mesh
   )
   optimizer.update(model, grads)
   counts = stats.expert_counts(ids, cfg.num_experts)
   model.window.set_value(stats.window_update(model.window.get_value(), counts))
   model.step.set_value(model.step.get_value() + 1)
-  out = base.step_metrics(loss, dispatched, cfg, ids, model.placement.get_value())
+  out = base.step_metrics(loss, dispatched, cfg, ids, service)
+  moving = model.transition.get_value().next_layer < cfg.num_layers
+  nnx.cond(moving, move_layers, stay, model, optimizer)
   due = model.step.get_value() % cfg.rebalance_every == 0
   out["before"], out["after"], out["layers_rebalanced"] = nnx.cond(
     due, rebalance, keep, model, optimizer
@@ -159,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--rebalance-every", type=int, default=50)
   parser.add_argument("--split", choices=moe.SPLITS, default="even", help="the split in service")
   parser.add_argument(
+    "--capacity-per", choices=moe.CAPACITY_PER, default="slot", help="what the capacity bounds"
+  )
+  parser.add_argument("--spare-slots", type=int, default=0, help="as in train_moe.py")
+  parser.add_argument("--layers-per-step", type=int, default=1, help="as in train_moe.py")
+  parser.add_argument(
     "--rtol", type=float, default=1e-5, help="loss match tolerance while both runs route alike"
   )
   parser.add_argument(
@@ -170,13 +197,23 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.rebalance_every <= 0:
     parser.error("--rebalance-every must be positive")
-  cfg = base.Config(rebalance_every=args.rebalance_every, split=args.split)
+  if args.layers_per_step <= 0:
+    parser.error("--layers-per-step must be positive")
+  if args.spare_slots and args.split != "balanced":
+    parser.error("--spare-slots needs --split balanced")
+  cfg = base.Config(
+    rebalance_every=args.rebalance_every,
+    split=args.split,
+    capacity_per=args.capacity_per,
+    spare_slots=args.spare_slots,
+    layers_per_step=args.layers_per_step,
+  )
   mesh = base.make_mesh(cfg)
   run = train(cfg, args.steps, mesh)
   rows = base.periods(run, cfg.rebalance_every)
   print("\n".join(base.table(rows)))
-  print("\nEvery split on the same router choices:")
-  print("\n".join(base.split_table(rows, cfg.split)))
+  print("\nEvery split and capacity on the same router choices:")
+  print("\n".join(base.split_table(rows, cfg)))
   reference = base.train(cfg, args.steps, mesh)
   # The same computation as the pure-JAX example, checked as that one checks its logical model.
   summary = base.check_same_model(

@@ -15,8 +15,8 @@ from eplb_jax.runtime import moe
 MOE_EXPERTS, MOE_SLOTS, MOE_TOKENS, MOE_DIMS, MOE_TOP_K = 8, 16, 128, (8, 16), 2
 
 
-def moe_mlp(p, x):
-  return jax.nn.relu(x @ p["w_in"]) @ p["w_out"]
+# The ready ReLU MLP: one slot's rows, or (with group_sizes) a device's slots on ragged groups.
+moe_mlp = moe.expert_mlp
 
 
 def moe_placement(load, seed=0):

@@ -199,8 +199,14 @@ def _split_layer(
   num_gpus: int,
   tolerance: float,
   max_steps: int,
+  start: jax.Array | None = None,
 ) -> jax.Array:
-  """Integer quotas ``[P]`` of one layer's step."""
+  """Integer quotas ``[P]`` of one layer's step, from the even split or from ``start``.
+
+  ``start``: a feasible fractional split ``[P]`` (each expert's slots adding
+  up to its count) to start from instead of the even split; the result is
+  never heavier than it, before rounding.
+  """
   num_experts, num_slots = counts.shape[0], phy2log.shape[0]
   pairs = _pairs(phy2log, num_experts, num_slots // num_gpus)
   counts_f = counts.astype(jnp.float32)
@@ -214,13 +220,19 @@ def _split_layer(
   )
   expert_count = jnp.append(counts_f, 0.0)[pairs.expert]
   movable = pairs.first & (spread[pairs.expert] > 1)
-  # The even split (each slot of e takes counts[e] / (slots of e)), the loads
-  # of the experts on one GPU alone, and the gradient's Lipschitz constant:
-  # the most pairs one GPU holds of experts that can move.
-  even = jnp.where(pairs.first, expert_count * pairs.copies / slots_of[pairs.expert], 0.0)
+  # The start (by default the even split: each slot of e takes counts[e] /
+  # (slots of e)), the loads of the experts on one GPU alone, and the
+  # gradient's Lipschitz constant: the most pairs one GPU holds of experts
+  # that can move.
+  if start is None:
+    x0 = jnp.where(pairs.first, expert_count * pairs.copies / slots_of[pairs.expert], 0.0)
+  else:  # a pair's quota is the sum over its slots, carried by its first slot
+    pair_first = jnp.arange(num_slots) - pairs.copy
+    x0 = jnp.zeros(num_slots, jnp.float32).at[pair_first].add(start[pairs.order])
+    x0 = jnp.where(pairs.first, x0, 0.0)
   fixed = jnp.where(pairs.first & ~movable, expert_count, 0.0)
   loads, fixed_loads, degree = jnp.moveaxis(
-    gpu_loads(jnp.stack([even, fixed, movable.astype(jnp.float32)], -1)), -1, 0
+    gpu_loads(jnp.stack([x0, fixed, movable.astype(jnp.float32)], -1)), -1, 0
   )
   rate = 1.0 / jnp.maximum(jnp.max(degree), 1.0)
 
@@ -269,14 +281,14 @@ def _split_layer(
 
   # GPUs ranked by their fixed loads as well: the ranking by load can miss a
   # densest set that ties with a GPU still carrying movable tokens.
-  start = _Iterate(
-    even,
-    even,
+  first_iterate = _Iterate(
+    x0,
+    x0,
     loads,
     loads,
     jnp.float32(1.0),
     energy(loads),
-    even,
+    x0,
     jnp.max(loads),
     jnp.maximum(
       _bound(loads, counts_f, pairs, num_experts),
@@ -284,7 +296,7 @@ def _split_layer(
     ),
     jnp.int32(0),
   )
-  final = jax.lax.while_loop(lambda it: ~done(it), body, start)
+  final = jax.lax.while_loop(lambda it: ~done(it), body, first_iterate)
   quotas = _round(final.best, counts, pairs)
   return jnp.zeros(num_slots, jnp.int32).at[pairs.order].set(quotas)
 

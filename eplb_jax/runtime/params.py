@@ -16,12 +16,15 @@ each device receives the ``n - 1`` shards it lacks, whatever the placement
 (the compiled program of ``tests/runtime/test_params.py`` shows exactly that). A
 source replicated on every device needs no communication. Re-laying out thus
 costs about one all-gather of the expert weights: do it every few hundred
-steps, not every step.
+steps, not every step, or spread it over steps with :func:`transition_step`,
+which moves a few layers per step while every layer stays served by one
+consistent placement (:class:`Transition`).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from eplb_jax._src import checks
 from eplb_jax._src import sharding
+from eplb_jax._src.placement import Placement
 
 PyTree = object
 
@@ -281,6 +285,16 @@ def relayout_state(
   Raises:
     ValueError: as :func:`relayout`.
   """
+  return _map_mirrors(
+    state,
+    params,
+    lambda node: relayout(node, log2phy, new_phy2log, mesh=mesh, expert_axis=expert_axis),
+  )
+
+
+def _map_mirrors(state: PyTree, params: PyTree, fn) -> PyTree:
+  """``fn`` applied to every subtree of ``state`` with the structure and leaf shapes of
+  ``params``; everything else as it is."""
   treedef = jax.tree.structure(params)
   shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(params)]
 
@@ -289,9 +303,105 @@ def relayout_state(
       return False
     return [jnp.shape(leaf) for leaf in jax.tree.leaves(node)] == shapes
 
-  def move(node: PyTree) -> PyTree:
-    if mirrors(node):
-      return relayout(node, log2phy, new_phy2log, mesh=mesh, expert_axis=expert_axis)
-    return node
+  return jax.tree.map(lambda node: fn(node) if mirrors(node) else node, state, is_leaf=mirrors)
 
-  return jax.tree.map(move, state, is_leaf=mirrors)
+
+class Transition(NamedTuple):
+  """A move to a new placement a few layers per step, with a consistent placement per layer.
+
+  Attributes:
+    service: the :class:`~eplb_jax.Placement` each layer's parameters are
+      laid out by now (route with it): layers below ``next_layer`` have the
+      target's, the others the placement the move started from.
+    target: the placement being moved to.
+    next_layer: int32 scalar, the first layer not moved yet (``L``: done).
+  """
+
+  service: Placement
+  target: Placement
+  next_layer: jax.Array
+
+
+def transition_start(service: Placement, target: Placement) -> Transition:
+  """A transition from ``service`` (``[L, ...]`` maps) to ``target``; nothing moved yet.
+
+  Starting again mid-way is fine: ``service`` is then the mix in service.
+  """
+  if jnp.shape(service.phy2log) != jnp.shape(target.phy2log):
+    raise ValueError(
+      f"target must have the layers and slots of service {jnp.shape(service.phy2log)}, "
+      f"got {jnp.shape(target.phy2log)}"
+    )
+  return Transition(service, target, jnp.zeros((), jnp.int32))
+
+
+def transition_step(
+  transition: Transition,
+  params: PyTree,
+  state: PyTree = None,
+  *,
+  layers_per_step: int,
+  mesh: Mesh | None = None,
+  expert_axis: str = "expert",
+) -> tuple[Transition, PyTree, PyTree]:
+  """Moves the next ``layers_per_step`` layers of ``params`` (and of an optimizer state).
+
+  Per-slot leaves ``[L, P, ...]`` of the layers ``next_layer .. next_layer +
+  layers_per_step - 1`` are laid out by the target (:func:`relayout`, and
+  :func:`relayout_state` for ``state``); the others are left as they are,
+  so a step moves ``layers_per_step / L`` of the weights instead of all of
+  them, and every layer is served by exactly one placement, its service
+  one. Once every layer has moved, a step changes nothing (the moved
+  window is re-laid out onto itself).
+
+  Args:
+    transition: from :func:`transition_start` or a previous step.
+    params: pytree of per-slot leaves ``[L, P, ...]`` laid out by
+      ``transition.service``.
+    state: optional optimizer state, moved with ``params`` as
+      :func:`relayout_state` moves it (None: none).
+    layers_per_step: layers moved per call (static, positive); the last
+      call may move fewer.
+    mesh, expert_axis: as in :func:`apply_placement`.
+
+  Returns:
+    ``(transition, params, state)`` after the move.
+
+  Raises:
+    ValueError: a bad ``layers_per_step``, or leaves that are not ``[L, P, ...]``.
+  """
+  layers_per_step = checks.check_size(layers_per_step, "layers_per_step")
+  service, target = transition.service, transition.target
+  num_layers = jnp.shape(service.phy2log)[0]
+  count = min(layers_per_step, num_layers)
+  # dynamic_slice keeps the window inside the layers: near the end it starts
+  # earlier and re-lays out moved layers onto the target, which keeps them.
+  first = jnp.clip(transition.next_layer, 0, num_layers - count)
+  window = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=first, slice_size=count)
+  log2phy, new_phy2log = window(service.log2phy), window(target.phy2log)
+  shaped = [jnp.shape(leaf)[:2] for leaf in jax.tree.leaves(params)]
+  if any(shape != jnp.shape(service.phy2log) for shape in shaped):
+    raise ValueError(
+      f"params leaves must be [L, P, ...] with the placement's {jnp.shape(service.phy2log)}, "
+      f"got leading shapes {sorted(set(shaped))}"
+    )
+
+  def move(tree: PyTree) -> PyTree:
+    moved = relayout(
+      jax.tree.map(window, tree), log2phy, new_phy2log, mesh=mesh, expert_axis=expert_axis
+    )
+    return jax.tree.map(
+      lambda leaf, new: jax.lax.dynamic_update_slice_in_dim(leaf, new, first, 0), tree, moved
+    )
+
+  if state is not None:
+    state = _map_mirrors(state, params, move)
+  params = move(params)
+  next_layer = jnp.minimum(transition.next_layer + count, num_layers)
+  moved = jnp.arange(num_layers) < next_layer
+  service = jax.tree.map(
+    lambda new, old: jnp.where(moved.reshape(-1, *[1] * (new.ndim - 1)), new, old),
+    target,
+    service,
+  )
+  return Transition(service, target, next_layer.astype(jnp.int32)), params, state

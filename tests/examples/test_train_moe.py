@@ -65,6 +65,43 @@ def test_balanced_split_matches_logical(example):
   assert after["balanced"]["max/mean"] < after["even"]["max/mean"], after
 
 
+def test_device_capacity_matches_logical(example):
+  train_moe, cfg, mesh, _ = example
+  cfg = dataclasses.replace(cfg, split="balanced", capacity_per="device", capacity_factor=1.0)
+  run = train_moe.train(cfg, 20, mesh)
+  logical = train_moe.train(dataclasses.replace(cfg, logical=True), 20, mesh)
+  train_moe.check_same_model(run, logical, tight_steps=20, rtol=1e-5, loose_rtol=1e-5)
+  np.testing.assert_array_equal(run["dropped@1.0"], run["dropped@1.0[balanced/device]"])
+  # After the first rebalance the balanced split's devices nearly fit the per-device capacity
+  # at cf 1.0: far fewer drops than either split's per-slot capacity.
+  after = train_moe.after_first_rebalance(run)
+  device = after["balanced"]["dropped cf 1.0 per device"]
+  assert device * 5 < min(after[s]["dropped cf 1.0 per slot"] for s in ("even", "balanced")), after
+
+
+def test_spare_slots_match_logical(example):
+  train_moe, cfg, mesh, _ = example
+  cfg = dataclasses.replace(cfg, split="balanced", spare_slots=1, capacity_factor=None)
+  run = train_moe.train(cfg, 20, mesh)
+  logical = train_moe.train(dataclasses.replace(cfg, logical=True), 20, mesh)
+  train_moe.check_same_model(run, logical, tight_steps=20, rtol=1e-5, loose_rtol=1e-5)
+  np.testing.assert_array_equal(run["imbalance"], run["imbalance[k=1]"])
+  # Spare copies never leave a step heavier than the split over the window placement alone.
+  assert (run["imbalance[k=1]"] <= run["imbalance[balanced]"] + 1e-6).all(), run
+
+
+def test_layers_move_one_per_step(example):
+  train_moe, cfg, mesh, _ = example
+  cfg = dataclasses.replace(cfg, num_layers=2, layers_per_step=1)
+  run = train_moe.train(cfg, 20, mesh)
+  logical = train_moe.train(dataclasses.replace(cfg, logical=True), 20, mesh)
+  train_moe.check_same_model(run, logical, tight_steps=20, rtol=1e-5, loose_rtol=1e-5)
+  # The first rebalance (after step 10) changes both layers and moves one per step, so step
+  # 12 routes one layer by the new placement and the other by the old one: the losses above
+  # equal the logical model's only if each layer's weights follow the placement it routes by.
+  assert run["layers_rebalanced"][cfg.rebalance_every - 1] == 2, run
+
+
 def test_nnx_example_matches_pure_example(example):
   pytest.importorskip("flax")
   _, cfg, mesh, run = example
