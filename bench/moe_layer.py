@@ -9,10 +9,12 @@ predicts), the fraction of pairs over capacity at capacity factors 1.0 and
 of the steps that rebalance; and, on the same router choices, the per-step
 max / mean for every split of each expert's pairs over its replicas (even,
 and balanced by the step's quotas) with its drops for either capacity (per
-slot and sending device, or per receiving device). Runs: rebalancing every
-50 steps at two router skews with each split in service (per-slot
-capacity), the balanced split with the per-device capacity in service, and
-the same model never rebalanced.
+slot and sending device, or per receiving device), without balancing and
+with 1 or 2 spare slots per device filled every step, with the expert
+weights each device receives for the spares. Runs: rebalancing every 50
+steps at two router skews with each split in service (per-slot capacity),
+the balanced split with the per-device capacity in service, the same with
+one spare slot per device in service, and the same model never rebalanced.
 
 Run: ``python bench/moe_layer.py [--markdown bench/results/moe_layer.md]`` (about a minute
 on 2 CPU cores). Host devices share the CPU, so step times say little about an accelerator:
@@ -83,6 +85,7 @@ def describe(name: str, cfg: train_moe.Config, run: dict[str, np.ndarray]) -> li
           for per in moe.CAPACITY_PER
         )
       )
+  lines += [f"- {line}" for line in train_moe.replication_summary(run, cfg)]
   return [*lines, ""]
 
 
@@ -102,6 +105,9 @@ def main() -> None:
   name = f"router skew {base.router_skew}, rebalanced every {base.rebalance_every} steps"
   runs[f"{name}, balanced split, per-device capacity"] = dataclasses.replace(
     base, split="balanced", capacity_per="device"
+  )
+  runs[f"{name}, balanced split, per-device capacity, 1 spare slot per device"] = (
+    dataclasses.replace(base, split="balanced", capacity_per="device", spare_slots=1)
   )
   runs[f"router skew {base.router_skew}, never rebalanced, even split"] = dataclasses.replace(
     base, rebalance_every=0
