@@ -393,7 +393,6 @@ def train_step(state: TrainState, cfg: Config, mesh: Mesh) -> tuple[TrainState, 
   window = stats.window_update(state.window, stats.expert_counts(ids, cfg.num_experts))
   state = TrainState(state.step + 1, params, opt_state, state.transition, window)
   out = step_metrics(loss, dispatched, cfg, ids, service)
-  state = move_layers(state, cfg, mesh)
   if cfg.rebalance_every:
     due = state.step % cfg.rebalance_every == 0
     nan = jnp.full((), jnp.nan)
@@ -403,7 +402,8 @@ def train_step(state: TrainState, cfg: Config, mesh: Mesh) -> tuple[TrainState, 
       lambda s: (s, (nan, nan, nan)),
       state,
     )
-  return state, out
+  # The first layers of a new placement move in the step that made it.
+  return move_layers(state, cfg, mesh), out
 
 
 def make_step(cfg: Config, mesh: Mesh, state: TrainState):

@@ -159,12 +159,13 @@ def train_step(model: MoeModel, optimizer: nnx.Optimizer) -> dict:
   model.window.set_value(stats.window_update(model.window.get_value(), counts))
   model.step.set_value(model.step.get_value() + 1)
   out = base.step_metrics(loss, dispatched, cfg, ids, service)
-  moving = model.transition.get_value().next_layer < cfg.num_layers
-  nnx.cond(moving, move_layers, stay, model, optimizer)
   due = model.step.get_value() % cfg.rebalance_every == 0
   out["before"], out["after"], out["layers_rebalanced"] = nnx.cond(
     due, rebalance, keep, model, optimizer
   )
+  # The first layers of a new placement move in the step that made it.
+  moving = model.transition.get_value().next_layer < cfg.num_layers
+  nnx.cond(moving, move_layers, stay, model, optimizer)
   return out
 
 

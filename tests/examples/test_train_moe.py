@@ -96,8 +96,8 @@ def test_layers_move_one_per_step(example):
   run = train_moe.train(cfg, 20, mesh)
   logical = train_moe.train(dataclasses.replace(cfg, logical=True), 20, mesh)
   train_moe.check_same_model(run, logical, tight_steps=20, rtol=1e-5, loose_rtol=1e-5)
-  # The first rebalance (after step 10) changes both layers and moves one per step, so step
-  # 12 routes one layer by the new placement and the other by the old one: the losses above
+  # The first rebalance (in step 10) changes both layers and moves one per step, so step 11
+  # routes one layer by the new placement and the other by the old one: the losses above
   # equal the logical model's only if each layer's weights follow the placement it routes by.
   assert run["layers_rebalanced"][cfg.rebalance_every - 1] == 2, run
 
