@@ -45,8 +45,8 @@ def heaviest(quotas, num_gpus: int) -> np.ndarray:
   return quotas.reshape(*quotas.shape[:-1], num_gpus, -1).sum(-1).max(-1)
 
 
-# (GPUs, slots per GPU, experts, spare slots per GPU)
-SIZES = ((4, 3, 9, 1), (8, 5, 42, 2), (1, 4, 3, 1))
+# (GPUs, slots per GPU, experts, spare slots per GPU); each compiles its own programs.
+SIZES = ((4, 3, 9, 1), pytest.param((8, 5, 42, 2), marks=pytest.mark.heavy), (1, 4, 3, 1))
 
 
 @pytest.mark.parametrize("sizes", SIZES)
@@ -123,6 +123,7 @@ class PlanSpareSlotsTest(chex.TestCase):
         jax.tree.map(lambda x, s=step: x[s], together), plan(window[step], phy2log, 4)
       )
 
+  @pytest.mark.heavy  # compiles the balancer and two plans
   def test_topology_and_placement_arguments(self):
     weight = np.random.default_rng(1).pareto(1.0, (2, 12)) * 100
     topology = eplb_jax.Topology(16, num_groups=1, num_nodes=2, num_gpus=4)
