@@ -2,8 +2,10 @@
 
 * :mod:`.stats`: router top-k ids to per-expert counts, and load windows;
 * :mod:`.dispatch`: which physical slot serves each routed token;
-* :mod:`.params`: expert parameters (and their optimizer state) laid out by a placement;
-* :mod:`.moe`: an expert-parallel MoE layer with per-slot capacity, and its logical reference.
+* :mod:`.params`: expert parameters (and their optimizer state) laid out by a placement, and
+  moved to a new one a few layers per step;
+* :mod:`.moe`: an expert-parallel MoE layer (per-slot or per-device capacity, even or balanced
+  split, spare slots filled every step) and its logical reference.
 """
 
 from eplb_jax.runtime import dispatch

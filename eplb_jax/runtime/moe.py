@@ -19,7 +19,11 @@ under :func:`jax.shard_map`:
    receives exactly its quota, and each device spreads its pairs of an
    expert over the replicas in proportion to their quotas (a contiguous
    share per device would send a device's pairs of an expert to one or two
-   replicas, over the per-slot capacity).
+   replicas, over the per-slot capacity). With ``spare_slots=k``, the
+   split is over the placement extended by ``k`` spare slots per device,
+   filled for this step (:func:`eplb_jax.plan_spare_slots`, the same on
+   every device), and the copies' weights are fetched from their source
+   slots (:func:`jax.lax.ragged_all_to_all`, or its padded equivalent).
 2. **Capacity** (:func:`kept_pairs`): each (sending device, slot) *stream*
    keeps its first pairs in row-major (token, choice) order, up to a count
    set by ``capacity_per``; the rest are dropped and contribute zero, so a
@@ -695,8 +699,16 @@ def moe_layer(
     capacity_per: what the capacity bounds (static): ``"slot"`` (the pairs
       each device sends each slot, GShard's) or ``"device"`` (the pairs each
       device receives in all, the expert compute on ragged groups).
-    ragged_collective: with ``capacity_per="device"``, whether the rows
-      travel by :func:`jax.lax.ragged_all_to_all` (True) or a padded
+    spare_slots: ``k`` more slots per device, filled every step with copies
+      for this step's counts (static; needs ``split="balanced"``; 0: none):
+      every device computes the same :func:`eplb_jax.plan_spare_slots` from
+      the gathered counts, and each copy's weights come from a slot that
+      holds its expert (one slice per copy; a device receives at most ``k``
+      experts' weights with the ragged collective). The copies' gradients
+      are summed into their source slots.
+    ragged_collective: with ``capacity_per="device"`` or spare slots,
+      whether the rows and the copies travel by
+      :func:`jax.lax.ragged_all_to_all` (True) or a padded
       :func:`jax.lax.all_to_all` (False), with identical results; None (the
       default): the ragged one where the mesh's platform has it
       (:data:`RAGGED_PLATFORMS`).
@@ -704,14 +716,17 @@ def moe_layer(
   Returns:
     ``(y [T, d_out], stats)``: the gate-weighted sum of each token's kept
     choices (zero for dropped ones; add the residual yourself), split like
-    ``x``, and the :class:`DispatchStats` of the layer.
+    ``x``, and the :class:`DispatchStats` of the layer (over the ``P + G *
+    k`` slots the step routes to: each device's ``S`` slots, then its ``k``
+    spare ones).
 
   Raises:
     ValueError: shapes or dtypes that do not fit (``expert_params`` leaves
       must have the placement's ``P = R + E - 1`` slots), a bad mesh axis, a
       ``capacity_factor`` that is not finite and positive, a ``split`` or
-      ``capacity_per`` not listed, or ``ragged_collective`` given with the
-      per-slot capacity.
+      ``capacity_per`` not listed, ``spare_slots`` not a non-negative int or
+      given with the even split, or ``ragged_collective`` given with neither
+      the per-device capacity nor spare slots.
   """
   # Parameters of another slot count would be routed by the wrong slot numbers.
   _, num_replicas = _check_log2phy(log2phy)
@@ -817,8 +832,8 @@ def moe_reference(
   it is the plain logical MoE (the placement then only shapes the stats).
 
   Args:
-    x, gates, expert_ids, logcnt, capacity_factor, split, capacity_per: as
-      in :func:`moe_layer`.
+    x, gates, expert_ids, logcnt, capacity_factor, split, capacity_per,
+      spare_slots: as in :func:`moe_layer`.
     expert_params: pytree of logical leaves ``[E, ...]``.
     expert_fn: as in :func:`moe_layer` for ``capacity_per``; with
       ``"device"`` it is called for each expert in turn on every token, as
@@ -886,11 +901,11 @@ def dispatch_stats(
 
   Args:
     expert_ids: ``[T, k]`` int logical experts of the router's choices.
-    log2phy, logcnt, num_gpus, capacity_factor, split, capacity_per: as in
-      :func:`moe_reference`.
+    log2phy, logcnt, num_gpus, capacity_factor, split, capacity_per,
+      spare_slots: as in :func:`moe_reference`.
 
   Returns:
-    The :class:`DispatchStats` of the layer, ``[G, P]`` each.
+    The :class:`DispatchStats` of the layer, ``[G, P + G * spare_slots]`` each.
 
   Raises:
     ValueError: shapes or dtypes that do not fit, a bad size, capacity
