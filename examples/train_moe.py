@@ -353,7 +353,7 @@ def step_metrics(
     out[f"dropped@{factor}"] = drop_fraction(dispatched.routed, in_service, cfg.capacity_per)
   for split in moe.SPLITS:
     routed = dispatched
-    if split != cfg.split:
+    if split != cfg.split or cfg.spare_slots:  # the layer's own stats route to spare slots too
       routing = functools.partial(
         moe.dispatch_stats, num_gpus=cfg.num_gpus, capacity_factor=None, split=split
       )
