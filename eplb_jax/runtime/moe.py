@@ -832,8 +832,8 @@ def moe_reference(
   it is the plain logical MoE (the placement then only shapes the stats).
 
   Args:
-    x, gates, expert_ids, logcnt, capacity_factor, split, capacity_per,
-      spare_slots: as in :func:`moe_layer`.
+    x, gates, expert_ids, logcnt, capacity_factor, split: as in :func:`moe_layer`.
+    capacity_per, spare_slots: as in :func:`moe_layer`.
     expert_params: pytree of logical leaves ``[E, ...]``.
     expert_fn: as in :func:`moe_layer` for ``capacity_per``; with
       ``"device"`` it is called for each expert in turn on every token, as
@@ -901,8 +901,8 @@ def dispatch_stats(
 
   Args:
     expert_ids: ``[T, k]`` int logical experts of the router's choices.
-    log2phy, logcnt, num_gpus, capacity_factor, split, capacity_per,
-      spare_slots: as in :func:`moe_reference`.
+    log2phy, logcnt, num_gpus, capacity_factor, split: as in :func:`moe_reference`.
+    capacity_per, spare_slots: as in :func:`moe_reference`.
 
   Returns:
     The :class:`DispatchStats` of the layer, ``[G, P + G * spare_slots]`` each.
