@@ -632,16 +632,10 @@ def check_same_model(
   return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=200)
+def add_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+  """The command-line options both examples take (``train_moe_nnx.py`` trains this model)."""
+  parser.add_argument("--steps", type=int, default=steps)
   parser.add_argument("--rebalance-every", type=int, default=50)
-  parser.add_argument("--window", type=int, default=20, help="steps of load statistics")
-  parser.add_argument("--router-skew", type=float, default=0.75)
-  parser.add_argument("--capacity-factor", type=float, default=1.25)
-  parser.add_argument(
-    "--rebalance-threshold", type=float, default=0.02, help="gate: relative gain a layer needs"
-  )
   parser.add_argument("--split", choices=moe.SPLITS, default="even", help="the split in service")
   parser.add_argument(
     "--capacity-per", choices=moe.CAPACITY_PER, default="slot", help="what the capacity bounds"
@@ -652,7 +646,6 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--layers-per-step", type=int, default=1, help="layers moved to a new placement per step"
   )
-  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
     "--rtol", type=float, default=1e-5, help="loss match tolerance while both runs route alike"
   )
@@ -662,6 +655,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--tight-steps", type=int, default=20, help="steps over which both runs must route alike"
   )
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+  """``parser``'s arguments, with the rules :func:`add_arguments`' options must follow."""
   args = parser.parse_args(argv)
   if args.rebalance_every <= 0:
     parser.error("--rebalance-every must be positive")
@@ -669,6 +666,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.error("--layers-per-step must be positive")
   if args.spare_slots and args.split != "balanced":
     parser.error("--spare-slots needs --split balanced")
+  return args
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_arguments(parser, steps=200)
+  parser.add_argument("--window", type=int, default=20, help="steps of load statistics")
+  parser.add_argument("--router-skew", type=float, default=0.75)
+  parser.add_argument("--capacity-factor", type=float, default=1.25)
+  parser.add_argument(
+    "--rebalance-threshold", type=float, default=0.02, help="gate: relative gain a layer needs"
+  )
+  parser.add_argument("--seed", type=int, default=0)
+  args = parse_arguments(parser, argv)
 
   cfg = Config(
     window=args.window,

@@ -178,30 +178,8 @@ def train(cfg: base.Config, steps: int, mesh: Mesh) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=100)
-  parser.add_argument("--rebalance-every", type=int, default=50)
-  parser.add_argument("--split", choices=moe.SPLITS, default="even", help="the split in service")
-  parser.add_argument(
-    "--capacity-per", choices=moe.CAPACITY_PER, default="slot", help="what the capacity bounds"
-  )
-  parser.add_argument("--spare-slots", type=int, default=0, help="as in train_moe.py")
-  parser.add_argument("--layers-per-step", type=int, default=1, help="as in train_moe.py")
-  parser.add_argument(
-    "--rtol", type=float, default=1e-5, help="loss match tolerance while both runs route alike"
-  )
-  parser.add_argument(
-    "--loose-rtol", type=float, default=2e-2, help="loss match tolerance after their routes part"
-  )
-  parser.add_argument(
-    "--tight-steps", type=int, default=20, help="steps over which both runs must route alike"
-  )
-  args = parser.parse_args(argv)
-  if args.rebalance_every <= 0:
-    parser.error("--rebalance-every must be positive")
-  if args.layers_per_step <= 0:
-    parser.error("--layers-per-step must be positive")
-  if args.spare_slots and args.split != "balanced":
-    parser.error("--spare-slots needs --split balanced")
+  base.add_arguments(parser, steps=100)
+  args = base.parse_arguments(parser, argv)
   cfg = base.Config(
     rebalance_every=args.rebalance_every,
     split=args.split,
