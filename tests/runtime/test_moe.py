@@ -132,6 +132,21 @@ def _one_device_layer(x, gates, ids, weights, placement, **kwargs):
   return moe.moe_layer(x, gates, ids, weights, moe_mlp, *maps, mesh=mesh, **kwargs)
 
 
+def _one_device_layer_equals_reference(**kwargs) -> moe.DispatchStats:
+  """Checks the jitted one-device layer against its reference with ``kwargs``; its stats."""
+  logical, x, gates, ids, placement = moe_problem()
+  per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
+  layer = jax.jit(functools.partial(_one_device_layer, **kwargs))
+  y, stats = layer(x, gates, ids, per_slot, placement)
+  maps = (placement.log2phy, placement.logcnt)
+  ref, ref_stats = jax.jit(
+    lambda *a: moe.moe_reference(*a[:3], a[3], moe_mlp, *a[4:], num_gpus=1, **kwargs)
+  )(x, gates, ids, logical, *maps)
+  chex.assert_trees_all_equal(stats, ref_stats)
+  chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-6)
+  return stats
+
+
 # Eager shard_map dispatches op by op (about 10 s here): the eager run is in the heavy tier.
 @pytest.mark.parametrize(
   "jit", [pytest.param(False, marks=pytest.mark.heavy), True], ids=["eager", "jit"]
@@ -375,20 +390,7 @@ def test_balanced_reference_routes_by_the_split():
 
 
 def test_balanced_layer_on_one_device_equals_reference():
-  capacity_factor = 1.0
-  logical, x, gates, ids, placement = moe_problem()
-  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
-  per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
-  maps = (placement.log2phy, placement.logcnt)
-  kwargs = {"capacity_factor": capacity_factor, "split": "balanced"}
-  y, stats = jax.jit(lambda *a: moe.moe_layer(*a[:3], a[3], moe_mlp, *a[4:], mesh=mesh, **kwargs))(
-    x, gates, ids, per_slot, *maps
-  )
-  ref, ref_stats = jax.jit(
-    lambda *a: moe.moe_reference(*a[:3], a[3], moe_mlp, *a[4:], num_gpus=1, **kwargs)
-  )(x, gates, ids, logical, *maps)
-  chex.assert_trees_all_equal(stats, ref_stats)
-  chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-6)
+  stats = _one_device_layer_equals_reference(capacity_factor=1.0, split="balanced")
   assert int(stats.dropped.sum()) > 0
 
 
@@ -548,19 +550,9 @@ def test_balanced_split_with_device_capacity_drops_least():
 
 @pytest.mark.parametrize("split", moe.SPLITS)
 def test_device_capacity_layer_on_one_device_equals_reference(split):
-  logical, x, gates, ids, placement = moe_problem()
-  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
-  per_slot = jax.tree.map(lambda w: w[placement.phy2log], logical)
-  maps = (placement.log2phy, placement.logcnt)
-  kwargs = {"capacity_factor": 0.5, "split": split, "capacity_per": "device"}
-  y, stats = jax.jit(lambda *a: moe.moe_layer(*a[:3], a[3], moe_mlp, *a[4:], mesh=mesh, **kwargs))(
-    x, gates, ids, per_slot, *maps
+  stats = _one_device_layer_equals_reference(
+    capacity_factor=0.5, split=split, capacity_per="device"
   )
-  ref, ref_stats = jax.jit(
-    lambda *a: moe.moe_reference(*a[:3], a[3], moe_mlp, *a[4:], num_gpus=1, **kwargs)
-  )(x, gates, ids, logical, *maps)
-  chex.assert_trees_all_equal(stats, ref_stats)
-  chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-6)
   assert int(stats.dropped.sum()) == 256 - 128
 
 
