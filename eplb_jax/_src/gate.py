@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from eplb_jax._src import api
 from eplb_jax._src import checks
 from eplb_jax._src import elastic
+from eplb_jax._src import ops
 from eplb_jax._src import placement
 from eplb_jax._src.modes import DEFAULT_MODE
 from eplb_jax._src.modes import Mode
@@ -94,9 +95,7 @@ def gate(
   else:
     worse = jnp.broadcast_to(current_max.sum() > (1 + threshold) * new_max.sum(), unserved.shape)
   rebalanced = (worse | unserved) & ~broken
-  chosen = jax.tree.map(
-    lambda a, b: jnp.where(rebalanced.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, kept
-  )
+  chosen = ops.where_rows(rebalanced, new, kept)
   return GatedPlacement(
     Placement(*chosen), rebalanced, jnp.where(unserved, jnp.inf, current_max), new_max
   )

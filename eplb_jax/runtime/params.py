@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from eplb_jax._src import checks
+from eplb_jax._src import ops
 from eplb_jax._src import sharding
 from eplb_jax._src.placement import Placement
 
@@ -399,9 +400,5 @@ def transition_step(
   params = move(params)
   next_layer = jnp.minimum(transition.next_layer + count, num_layers)
   moved = jnp.arange(num_layers) < next_layer
-  service = jax.tree.map(
-    lambda new, old: jnp.where(moved.reshape(-1, *[1] * (new.ndim - 1)), new, old),
-    target,
-    service,
-  )
+  service = ops.where_rows(moved, target, service)
   return Transition(service, target, next_layer.astype(jnp.int32)), params, state

@@ -166,11 +166,7 @@ class GpuAware(Mode):
       slots = swap.refine_rows(water.load, slots, self.greedy_steps, gpus_per_node, refined_rows)
     greedy = water._replace(slots=slots, heaviest=packing.heaviest_pack(water.load, slots))
     use_greedy = greedy.heaviest < chosen.heaviest
-    return jax.tree.map(
-      lambda a, b: jnp.where(use_greedy.reshape((rows,) + (1,) * (a.ndim - 1)), b, a),
-      chosen,
-      greedy,
-    )
+    return ops.where_rows(use_greedy, greedy, chosen)
 
   def finish_domains(self, domains: Domains) -> jax.Array:
     """Duplicate separation (step 5 of the rule, :func:`.duplicates.separate`)."""

@@ -121,3 +121,13 @@ def inverse_permutation(perm: jax.Array) -> jax.Array:
   """Inverse of each row of the int32 permutations ``perm [..., n]``."""
   iota = jax.lax.broadcasted_iota(jnp.int32, perm.shape, perm.ndim - 1)
   return jnp.put_along_axis(jnp.zeros_like(perm), perm, iota, axis=-1, inplace=False)
+
+
+def where_rows(take: jax.Array, a, b):
+  """Per row, ``a``'s row where ``take [rows]`` is True and ``b``'s elsewhere.
+
+  ``a`` and ``b`` are pytrees of one structure whose leaves share the leading ``rows`` axis.
+  """
+  return jax.tree.map(
+    lambda x, y: jnp.where(take.reshape(take.shape + (1,) * (x.ndim - take.ndim)), x, y), a, b
+  )
