@@ -218,6 +218,7 @@ def test_bad_arguments(call, match):
 
 
 class RebalanceForStepsTest(chex.TestCase):
+  @pytest.mark.heavy  # compiles two balancers and a batched split
   def test_each_layer_is_the_candidate_with_the_lightest_steps(self):
     topology = eplb_jax.Topology(16, 1, 1, 4)
     rng = np.random.default_rng(5)
