@@ -125,7 +125,7 @@ def _fill_layer(counts: jax.Array, phy2log: jax.Array, num_gpus: int, spare_slot
   return filled.experts.reshape(-1), filled.quota.reshape(-1), source
 
 
-def _plan_layer(
+def _plan_rows(
   counts: jax.Array,
   phy2log: jax.Array,
   num_gpus: int,
@@ -133,9 +133,11 @@ def _plan_layer(
   tolerance: float,
   max_steps: int,
 ) -> SparePlan:
-  """One layer's plan: the greedy filling, then the split warm-started from its point."""
-  extended, start, source = _fill_layer(counts, phy2log, num_gpus, spare_slots)
-  quotas = split_lib._split_layer(counts, extended, num_gpus, tolerance, max_steps, start)
+  """Plans of ``B`` rows (``counts [B, E]``, ``phy2log [B, P]``): the greedy filling, then
+  the split warm-started from its point."""
+  fill = jax.vmap(_fill_layer, in_axes=(0, 0, None, None))
+  extended, start, source = fill(counts, phy2log, num_gpus, spare_slots)
+  quotas = split_lib._split_rows(counts, extended, num_gpus, tolerance, max_steps, start)
   return SparePlan(extended, quotas, source)
 
 
@@ -146,8 +148,7 @@ def _plan(counts, phy2log, num_gpus, spare_slots, tolerance, max_steps) -> Spare
   maps = jnp.broadcast_to(phy2log, (*counts.shape[:-1], phy2log.shape[-1])).reshape(
     rows.shape[0], -1
   )
-  plan_layer = jax.vmap(_plan_layer, in_axes=(0, 0, None, None, None, None))
-  plan = plan_layer(rows, maps, num_gpus, spare_slots, tolerance, max_steps)
+  plan = _plan_rows(rows, maps, num_gpus, spare_slots, tolerance, max_steps)
   return jax.tree.map(lambda x: x.reshape(*counts.shape[:-1], -1), plan)
 
 

@@ -51,197 +51,242 @@ DEFAULT_MAX_STEPS = 128
 _CHECK_EVERY = 4
 
 
-class _Pairs(NamedTuple):
-  """One layer's slots sorted by (expert, slot): the solver's variables and their segments.
+class _Layout(NamedTuple):
+  """A batch of ``B`` rows' slots (layers or steps), as the solver sees them.
 
-  An expert's slots on one GPU are adjacent (slots are numbered GPU by GPU)
-  and form a *pair* (expert, GPU); the first slot of a pair carries the
-  pair's quota while solving.
+  An expert on one slot leaves nothing to choose: it takes its count there
+  (``fixed_quota``). The slots of experts on two or more slots are the
+  solver's *variables*: ``V`` per row, sorted by (expert, slot), so each
+  expert's variables are a run; positions past a row's last variable are
+  padding (slot ``P``, count 0, and indices past the end, which sums drop).
+  Indices address the flattened ``[B * G]`` GPU loads and ``[B * V]``
+  variables, so every per-GPU and per-expert sum is one segment sum.
   """
 
-  order: jax.Array  # [P] slot at each sorted position
-  expert: jax.Array  # [P] its expert, E for an empty slot
-  gpu: jax.Array  # [P] its GPU
-  first: jax.Array  # [P] bool: the first slot of its pair (and of a held expert)
-  start: jax.Array  # [P] bool: the first slot of its expert
-  end: jax.Array  # [P] bool: the last slot of its expert
-  copy: jax.Array  # [P] rank of the slot among its pair's slots
-  copies: jax.Array  # [P] slots in its pair
+  fixed_quota: jax.Array  # [B, P] int32 quotas of the experts on one slot, else 0
+  fixed_loads: jax.Array  # [B, G] float32 GPU loads of those quotas
+  slot: jax.Array  # [B, V] the variable's slot
+  gpu: jax.Array  # [B, V] its GPU, as an index into [B * G]
+  run: jax.Array  # [B, V] its expert's first variable, as an index into [B * V]
+  start: jax.Array  # [B, V] bool: the first variable of its expert
+  end: jax.Array  # [B, V] bool: the last variable of its expert
+  count: jax.Array  # [B, V] int32 its expert's tokens in this step
+  replicas: jax.Array  # [B, V] int32 its expert's slots
 
 
-def _segment_scan(values: jax.Array, start: jax.Array) -> jax.Array:
-  """Inclusive cumulative sums of ``values`` restarted where ``start`` is True."""
+def _sum_by(values: jax.Array, index: jax.Array, width: int) -> jax.Array:
+  """``[B, width]`` sums of ``values [B, V, ...]`` by flat ``index`` (out of range: dropped)."""
+  rows = index.shape[0]
+  flat = values.reshape(index.size, *values.shape[2:])
+  return jax.ops.segment_sum(flat, index.reshape(-1), rows * width).reshape(
+    rows, width, *values.shape[2:]
+  )
 
-  def add(a, b):
+
+def _take(table: jax.Array, index: jax.Array) -> jax.Array:
+  """``table [B, W, ...]`` at flat ``index [B, V]`` (out of range: 0)."""
+  flat = table.reshape(-1, *table.shape[2:])
+  return (
+    flat.at[index.reshape(-1)]
+    .get(mode="fill", fill_value=0)
+    .reshape(*index.shape, *table.shape[2:])
+  )
+
+
+def _segment_scan(op, values: jax.Array, start: jax.Array) -> jax.Array:
+  """Inclusive scan of ``values [B, V]`` along rows by ``op``, restarted where ``start``."""
+
+  def combine(a, b):
     value_a, start_a = a
     value_b, start_b = b
-    return jnp.where(start_b, value_b, value_a + value_b), start_a | start_b
+    return jnp.where(start_b, value_b, op(value_a, value_b)), start_a | start_b
 
-  return jax.lax.associative_scan(add, (values, start))[0]
-
-
-def _pairs(phy2log: jax.Array, num_experts: int, slots_per_gpu: int) -> _Pairs:
-  num_slots = phy2log.shape[0]
-  slot = jnp.arange(num_slots, dtype=jnp.int32)
-  slot_expert = jnp.where(phy2log >= 0, phy2log, num_experts)
-  if (num_experts + 1) * num_slots < 2**31:
-    # One sort of distinct int32 keys (expert, slot): the slot comes back from the key.
-    key = jax.lax.sort(slot_expert * num_slots + slot)
-    order, expert = key % num_slots, key // num_slots
-  else:
-    order = jnp.argsort(slot_expert, stable=True).astype(jnp.int32)
-    expert = slot_expert[order]
-  gpu = order // slots_per_gpu
-  differs = jnp.ones(1, bool)
-  start = jnp.concatenate([differs, expert[1:] != expert[:-1]])
-  end = jnp.concatenate([expert[1:] != expert[:-1], differs])
-  first = (start | jnp.concatenate([differs, gpu[1:] != gpu[:-1]])) & (expert < num_experts)
-  # Copies of an expert on one GPU, counted among the GPU's slots.
-  by_gpu = slot_expert.reshape(-1, slots_per_gpu)
-  same = by_gpu[:, :, None] == by_gpu[:, None, :]
-  earlier = jnp.arange(slots_per_gpu)[None, :] < jnp.arange(slots_per_gpu)[:, None]
-  copy = (same & earlier).sum(-1, dtype=jnp.int32).reshape(-1)[order]
-  copies = same.sum(-1, dtype=jnp.int32).reshape(-1)[order]
-  return _Pairs(order, expert, gpu, first, start, end, copy, copies)
+  return jax.lax.associative_scan(combine, (values, start), axis=1)[0]
 
 
-def _per_expert(values: jax.Array, pairs: _Pairs, num_experts: int) -> jax.Array:
-  """``[E + 1]`` sums of ``values`` (per sorted position) over each expert's slots."""
-  return jax.ops.segment_sum(values, pairs.expert, num_experts + 1, indices_are_sorted=True)
+def _variable_bound(num_slots: int, num_experts: int) -> int:
+  """Most variables a row holding every expert can have.
 
-
-# Michelot rounds per projection: exact for an expert on at most this many GPUs.
-_PROJECTION_ROUNDS = 2
-
-
-def _project(v: jax.Array, counts: jax.Array, pairs: _Pairs, num_experts: int) -> jax.Array:
-  """A point of ``{x >= 0 on pairs, sum over e's pairs = counts[e]}`` near ``v``.
-
-  Michelot's active-set rounds (each drops the pairs at or below the current
-  threshold) give the exact Euclidean projection once the active set stops
-  shrinking, which takes at most one round per pair of the expert. After a
-  fixed number of rounds the positive parts are scaled to the count, so the
-  point is always feasible, and it is the projection for every expert on up
-  to ``_PROJECTION_ROUNDS`` GPUs (and any expert whose active set settled).
+  An expert on ``r >= 2`` slots takes ``r - 1 >= r / 2`` of the ``P - E``
+  slots beyond one per expert, so the variables number at most ``2 (P - E)``.
   """
-  target = jnp.append(counts, 0.0)
-  active = pairs.first
+  return min(num_slots, max(2 * (num_slots - num_experts), 1))
+
+
+def _layout(
+  counts: jax.Array, expert: jax.Array, replicas: jax.Array, num_gpus: int, size: int
+) -> _Layout:
+  """The solver's view of ``counts [B, E]`` (non-negative) on slots holding ``expert [B, P]``
+  (``E`` on an empty slot), ``replicas [B, E + 1]`` slots per expert, with ``size``
+  variables per row (at least the most any row has)."""
+  num_rows, num_experts = counts.shape
+  num_slots = expert.shape[1]
+  row = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
+  variable = (expert < num_experts) & (jnp.take_along_axis(replicas, expert, 1, mode="clip") > 1)
+  counts = jnp.pad(counts, ((0, 0), (0, 1)))  # an empty slot's expert E has no tokens
+  fixed_quota = jnp.where(variable, 0, jnp.take_along_axis(counts, expert, 1, mode="clip"))
+  fixed_loads = fixed_quota.reshape(num_rows, num_gpus, -1).sum(-1).astype(jnp.float32)
+  # Each variable's position in slot order: the ones before it on its GPU,
+  # plus the ones on earlier GPUs (two short cumulative sums, not one long).
+  on_gpu = variable.reshape(num_rows, num_gpus, -1).astype(jnp.int32)
+  per_gpu = on_gpu.sum(-1, keepdims=True)
+  position = (jnp.cumsum(on_gpu, axis=2) + jnp.cumsum(per_gpu, axis=1) - per_gpu - 1).reshape(
+    num_rows, num_slots
+  )
+  var_slot = (
+    jnp.full(num_rows * size, num_slots, jnp.int32)
+    .at[jnp.where(variable, row * size + position, num_rows * size).reshape(-1)]
+    .set(
+      jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), expert.shape).reshape(-1),
+      mode="drop",
+    )
+    .reshape(num_rows, size)
+  )
+  var_expert = jnp.take_along_axis(
+    jnp.pad(expert, ((0, 0), (0, 1)), constant_values=num_experts), var_slot, 1, mode="clip"
+  )
+  # Sorted by (expert, slot): one sort of distinct int32 keys, the slot in
+  # the low bits; padding last.
+  bits = num_slots.bit_length()
+  if (num_experts + 1) << bits < 2**31:
+    key = jax.lax.sort((var_expert << bits) | var_slot, dimension=1)
+    var_slot, var_expert = key & ((1 << bits) - 1), key >> bits
+  else:
+    var_expert, var_slot = jax.lax.sort((var_expert, var_slot), dimension=1, num_keys=2)
+  held = var_expert < num_experts
+  differs = jnp.ones((num_rows, 1), bool)
+  start = jnp.concatenate([differs, var_expert[:, 1:] != var_expert[:, :-1]], 1)
+  first = jax.lax.associative_scan(
+    jnp.maximum, jnp.where(start, jnp.arange(size, dtype=jnp.int32), 0), axis=1
+  )
+  return _Layout(
+    fixed_quota=fixed_quota,
+    fixed_loads=fixed_loads,
+    slot=var_slot,
+    gpu=jnp.where(held, row * num_gpus + var_slot // (num_slots // num_gpus), num_rows * num_gpus),
+    run=jnp.where(held, row * size + first, num_rows * size),
+    start=start,
+    end=jnp.concatenate([var_expert[:, 1:] != var_expert[:, :-1], differs], 1),
+    count=jnp.take_along_axis(counts, var_expert, 1, mode="clip"),
+    replicas=jnp.take_along_axis(replicas, var_expert, 1, mode="clip"),
+  )
+
+
+def _per_expert(values: jax.Array, layout: _Layout) -> jax.Array:
+  """Each variable's sum of ``values [B, V, ...]`` over its expert's variables."""
+  return _take(_sum_by(values, layout.run, layout.run.shape[1]), layout.run)
+
+
+# Michelot rounds per projection: exact for an expert on at most this many slots.
+_PROJECTION_ROUNDS = 1
+
+
+def _project(v: jax.Array, weight: jax.Array, layout: _Layout) -> jax.Array:
+  """A point of ``{x >= 0, sum over e's variables = count[e]}`` near ``v`` in the norm
+  ``sum_i (x_i - v_i)**2 / weight_i``.
+
+  Michelot's active-set rounds (each drops the variables at or below the
+  current threshold) give the exact projection once the active set stops
+  shrinking, which takes at most one round per variable of the expert.
+  After a fixed number of rounds the positive parts are scaled to the count,
+  so the point is always feasible, and it is the projection for every expert
+  on up to ``_PROJECTION_ROUNDS`` slots (and any expert whose active set
+  settled).
+  """
+  target = layout.count.astype(jnp.float32)
+  active = layout.replicas > 0
   for _ in range(_PROJECTION_ROUNDS):
     sums = _per_expert(
-      jnp.stack([jnp.where(active, v, 0.0), active.astype(v.dtype)], -1), pairs, num_experts
+      jnp.stack([jnp.where(active, v, 0.0), jnp.where(active, weight, 0.0)], -1), layout
     )
-    tau = ((sums[:, 0] - target) / jnp.maximum(sums[:, 1], 1.0))[pairs.expert]
-    active = active & (v > tau)
-  x = jnp.where(active, v - tau, 0.0)
-  total = _per_expert(x, pairs, num_experts)
-  scale = jnp.where(total > 0, target / jnp.where(total > 0, total, 1.0), 0.0)
-  return x * scale[pairs.expert]
+    tau = (sums[..., 0] - target) / jnp.where(sums[..., 1] > 0, sums[..., 1], 1.0)
+    active = active & (v > tau * weight)
+  x = jnp.where(active, v - tau * weight, 0.0)
+  total = _per_expert(x, layout)
+  return x * jnp.where(total > 0, target / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def _bound(loads: jax.Array, counts: jax.Array, pairs: _Pairs, num_experts: int) -> jax.Array:
-  """Lower bound on the heaviest GPU: the densest set of the ``k`` heaviest GPUs.
+def _gpu_loads(x: jax.Array, layout: _Layout) -> jax.Array:
+  return layout.fixed_loads + _sum_by(x, layout.gpu, layout.fixed_loads.shape[1])
 
-  Any order of the GPUs gives a valid bound; ranking by load gives the tight one.
+
+def _bound(loads: jax.Array, layout: _Layout) -> jax.Array:
+  """``[B]`` lower bounds on the heaviest GPU: the densest set of the ``k`` heaviest GPUs.
+
+  The experts whose every slot lies among the ``k`` heaviest GPUs weigh at
+  least ``k`` times the optimum on them. Any order of the GPUs gives a valid
+  bound; ranking by load gives the tight one.
   """
-  num_gpus = loads.shape[0]
-  rank = ops.inverse_permutation(ops.argsort_descending(loads, exact=False))
+  num_rows, num_gpus = loads.shape
+  rank = ops.descending_ranks(loads, exact=False)
+  # The deepest rank of each expert's GPUs, at its first variable's position.
   deepest = jax.ops.segment_max(
-    jnp.where(pairs.first, rank[pairs.gpu], -1),
-    pairs.expert,
-    num_experts + 1,
-    indices_are_sorted=True,
-  )[:num_experts]
-  served = deepest >= 0
-  inside = (
-    jnp.zeros(num_gpus, jnp.float32)
-    .at[jnp.where(served, deepest, 0)]
-    .add(jnp.where(served, counts, 0.0))
+    _take(rank, layout.gpu).reshape(-1), layout.run.reshape(-1), layout.run.size
+  ).reshape(layout.run.shape)
+  # Tokens by the rank that takes them in: an expert on one slot at its GPU's
+  # rank, an expert with variables at its deepest (once: at its first variable).
+  row = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
+  leader = layout.start & (layout.replicas > 0)
+  inside = _sum_by(
+    jnp.concatenate([layout.fixed_loads, layout.count.astype(jnp.float32)], 1),
+    jnp.concatenate(
+      [row * num_gpus + rank, jnp.where(leader, row * num_gpus + deepest, num_rows * num_gpus)], 1
+    ),
+    num_gpus,
   )
   prefix = jnp.arange(num_gpus)[:, None] <= jnp.arange(num_gpus)[None, :]
-  return jnp.max((inside @ prefix) / jnp.arange(1, num_gpus + 1, dtype=jnp.float32))
+  return jnp.max((inside @ prefix) / jnp.arange(1, num_gpus + 1, dtype=jnp.float32), axis=1)
 
 
 class _Iterate(NamedTuple):
-  x: jax.Array  # current point (per sorted position)
-  y: jax.Array  # extrapolated point
-  x_loads: jax.Array  # GPU loads of x
-  y_loads: jax.Array  # GPU loads of y (linear in y, so extrapolated alongside it)
-  t: jax.Array  # FISTA momentum
-  energy: jax.Array  # 1/2 sum of squared GPU loads about their mean, at x
-  best: jax.Array  # the iterate with the lightest heaviest GPU so far
-  best_max: jax.Array
-  bound: jax.Array
-  step: jax.Array
+  x: jax.Array  # [B, V] current point
+  y: jax.Array  # [B, V] extrapolated point
+  x_loads: jax.Array  # [B, G] GPU loads of x
+  y_loads: jax.Array  # [B, G] GPU loads of y (affine in y, so extrapolated alongside it)
+  t: jax.Array  # [B] FISTA momentum
+  energy: jax.Array  # [B] 1/2 sum of squared GPU loads about their mean, at x
+  best: jax.Array  # [B, V] the iterate with the lightest heaviest GPU so far
+  best_max: jax.Array  # [B]
+  bound: jax.Array  # [B]
+  step: jax.Array  # solver steps taken
 
 
-def _round(x: jax.Array, counts: jax.Array, pairs: _Pairs) -> jax.Array:
-  """Integer quotas per sorted position from the pairs' fractional quotas ``x``.
+def _round(x: jax.Array, layout: _Layout) -> jax.Array:
+  """Integer quotas per variable from the fractional quotas ``x``.
 
-  Per expert, the rounded cumulative quotas (the last forced to the count)
-  are differenced: integers adding up to the count, each within one token of
-  its fractional value. A pair's quota is then spread over its copies.
+  Per expert, the rounded cumulative quotas (the last forced to the count,
+  kept non-decreasing) are differenced: integers adding up to the count,
+  each within one token of its fractional value.
   """
-  num_slots = x.shape[0]
-  limit = jnp.append(counts, 0)[pairs.expert]
-  cumulative = jnp.clip(jnp.round(_segment_scan(x, pairs.start)), 0, limit).astype(jnp.int32)
-  cumulative = jnp.where(pairs.end, limit, cumulative)
-  before = jnp.where(pairs.start, 0, jnp.roll(cumulative, 1))
-  position = jnp.arange(num_slots, dtype=jnp.int32)
-  pair_first = position - pairs.copy
-  share = cumulative[pair_first + pairs.copies - 1] - before[pair_first]
-  quota = share // pairs.copies + (pairs.copy < share % pairs.copies)
-  return jnp.where(pairs.expert < counts.shape[0], quota, 0)
+  cumulative = jnp.round(_segment_scan(jnp.add, x, layout.start))
+  cumulative = jnp.clip(cumulative, 0, layout.count).astype(jnp.int32)
+  cumulative = jnp.where(layout.end, layout.count, cumulative)
+  cumulative = _segment_scan(jnp.maximum, cumulative, layout.start)
+  return cumulative - jnp.where(layout.start, 0, jnp.roll(cumulative, 1, axis=1))
 
 
-def _split_layer(
-  counts: jax.Array,
-  phy2log: jax.Array,
-  num_gpus: int,
-  tolerance: float,
-  max_steps: int,
-  start: jax.Array | None = None,
-) -> jax.Array:
-  """Integer quotas ``[P]`` of one layer's step, from the even split or from ``start``.
-
-  ``start``: a feasible fractional split ``[P]`` (each expert's slots adding
-  up to its count) to start from instead of the even split; the result is
-  never heavier than it, before rounding.
-  """
-  num_experts, num_slots = counts.shape[0], phy2log.shape[0]
-  pairs = _pairs(phy2log, num_experts, num_slots // num_gpus)
-  counts_f = counts.astype(jnp.float32)
-
-  def gpu_loads(x):
-    return jax.ops.segment_sum(x, pairs.gpu, num_gpus)
-
-  # Per expert: its slots, and its pairs (the GPUs holding it).
-  slots_of, spread = jnp.moveaxis(
-    _per_expert(jnp.stack([jnp.ones(num_slots), pairs.first], -1), pairs, num_experts), -1, 0
-  )
-  expert_count = jnp.append(counts_f, 0.0)[pairs.expert]
-  movable = pairs.first & (spread[pairs.expert] > 1)
-  # The start (by default the even split: each slot of e takes counts[e] /
-  # (slots of e)), the loads of the experts on one GPU alone, and the
-  # gradient's Lipschitz constant: the most pairs one GPU holds of experts
-  # that can move.
-  if start is None:
-    x0 = jnp.where(pairs.first, expert_count * pairs.copies / slots_of[pairs.expert], 0.0)
-  else:  # a pair's quota is the sum over its slots, carried by its first slot
-    pair_first = jnp.arange(num_slots) - pairs.copy
-    x0 = jnp.zeros(num_slots, jnp.float32).at[pair_first].add(start[pairs.order])
-    x0 = jnp.where(pairs.first, x0, 0.0)
-  fixed = jnp.where(pairs.first & ~movable, expert_count, 0.0)
-  loads, fixed_loads, degree = jnp.moveaxis(
-    gpu_loads(jnp.stack([x0, fixed, movable.astype(jnp.float32)], -1)), -1, 0
-  )
-  rate = 1.0 / jnp.maximum(jnp.max(degree), 1.0)
+def _solve(layout: _Layout, tolerance: float, max_steps: int, start: jax.Array | None) -> jax.Array:
+  """Integer quotas ``[B, P]``: the variables' split by accelerated projected gradient."""
+  num_gpus = layout.fixed_loads.shape[1]
+  held = layout.replicas > 0
+  count = layout.count.astype(jnp.float32)
+  if start is None:  # the even split: each slot of e takes count[e] / (slots of e)
+    x0 = jnp.where(held, count / jnp.maximum(layout.replicas, 1), 0.0)
+  else:
+    x0 = jnp.take_along_axis(jnp.pad(start, ((0, 0), (0, 1))), layout.slot, 1)
+  loads = _gpu_loads(x0, layout)
+  # Steps scaled per GPU: a GPU holding d variables moves each by 1 / d of its
+  # load's gradient (its Hessian block 1 1^T is at most d I).
+  degree = _sum_by(held.astype(jnp.float32), layout.gpu, num_gpus)
+  rate = 1.0 / jnp.maximum(_take(degree, layout.gpu), 1.0)
 
   # The total load is the same at every feasible point, so the energy is
   # measured about the mean load: the same comparisons, far fewer float32 digits.
-  mean_load = jnp.sum(counts_f) / num_gpus
+  total = layout.fixed_loads.sum(1) + jnp.where(layout.start, count, 0.0).sum(1)
+  mean_load = (total / num_gpus)[:, None]
 
   def energy(loads):
-    return 0.5 * jnp.sum(jnp.square(loads - mean_load))
+    return 0.5 * jnp.sum(jnp.square(loads - mean_load), axis=1)
 
   def done(it):
     # Within the tolerance of the bound, or at most its ceiling, which no
@@ -250,21 +295,22 @@ def _split_layer(
     return (it.best_max <= target) | (it.step >= max_steps)
 
   def step(_, it):
-    x_new = _project(it.y - rate * it.y_loads[pairs.gpu], counts_f, pairs, num_experts)
-    loads = gpu_loads(x_new)
+    x_new = _project(it.y - rate * _take(it.y_loads, layout.gpu), rate, layout)
+    loads = _gpu_loads(x_new, layout)
     e_new = energy(loads)
     # A rise undoes the momentum (a restart); a plain projected-gradient step
     # (t == 1) never rises in exact arithmetic, so it is kept whatever the rounding.
     rises = (e_new > it.energy) & (it.t > 1.0)
     t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * it.t * it.t))
-    momentum = (it.t - 1.0) / t_new
-    heaviest = jnp.max(loads)
-    better = heaviest < it.best_max
+    momentum = ((it.t - 1.0) / t_new)[:, None]
+    heaviest = jnp.max(loads, axis=1)
+    better = (heaviest < it.best_max)[:, None]
+    keep = rises[:, None]
     return _Iterate(
-      x=jnp.where(rises, it.x, x_new),
-      y=jnp.where(rises, it.x, x_new + momentum * (x_new - it.x)),
-      x_loads=jnp.where(rises, it.x_loads, loads),
-      y_loads=jnp.where(rises, it.x_loads, loads + momentum * (loads - it.x_loads)),
+      x=jnp.where(keep, it.x, x_new),
+      y=jnp.where(keep, it.x, x_new + momentum * (x_new - it.x)),
+      x_loads=jnp.where(keep, it.x_loads, loads),
+      y_loads=jnp.where(keep, it.x_loads, loads + momentum * (loads - it.x_loads)),
       t=jnp.where(rises, 1.0, t_new),
       energy=jnp.where(rises, it.energy, e_new),
       best=jnp.where(better, x_new, it.best),
@@ -274,31 +320,76 @@ def _split_layer(
     )
 
   def body(it):
-    # _CHECK_EVERY steps, then the certificate of the best point so far.
-    it = jax.lax.fori_loop(0, _CHECK_EVERY, step, it)
-    best_bound = _bound(gpu_loads(it.best), counts_f, pairs, num_experts)
-    return it._replace(bound=jnp.maximum(it.bound, best_bound))
+    # _CHECK_EVERY steps, then the certificate of the best point so far. The
+    # batch steps together; a row already done keeps its best point and
+    # bound, so its result is the one it would have on its own.
+    running = ~done(it)
+    new = jax.lax.fori_loop(0, _CHECK_EVERY, step, it)
+    bound = jnp.maximum(new.bound, _bound(_gpu_loads(new.best, layout), layout))
+    return new._replace(
+      best=jnp.where(running[:, None], new.best, it.best),
+      best_max=jnp.where(running, new.best_max, it.best_max),
+      bound=jnp.where(running, bound, it.bound),
+    )
 
   # GPUs ranked by their fixed loads as well: the ranking by load can miss a
   # densest set that ties with a GPU still carrying movable tokens.
   first_iterate = _Iterate(
-    x0,
-    x0,
-    loads,
-    loads,
-    jnp.float32(1.0),
-    energy(loads),
-    x0,
-    jnp.max(loads),
-    jnp.maximum(
-      _bound(loads, counts_f, pairs, num_experts),
-      _bound(fixed_loads, counts_f, pairs, num_experts),
-    ),
-    jnp.int32(0),
+    x=x0,
+    y=x0,
+    x_loads=loads,
+    y_loads=loads,
+    t=jnp.ones(x0.shape[0], jnp.float32),
+    energy=energy(loads),
+    best=x0,
+    best_max=jnp.max(loads, axis=1),
+    bound=jnp.maximum(_bound(loads, layout), _bound(layout.fixed_loads, layout)),
+    step=jnp.int32(0),
   )
-  final = jax.lax.while_loop(lambda it: ~done(it), body, first_iterate)
-  quotas = _round(final.best, counts, pairs)
-  return jnp.zeros(num_slots, jnp.int32).at[pairs.order].set(quotas)
+  final = jax.lax.while_loop(lambda it: ~jnp.all(done(it)), body, first_iterate)
+  row = jnp.arange(x0.shape[0])[:, None]
+  return layout.fixed_quota.at[row, layout.slot].set(_round(final.best, layout), mode="drop")
+
+
+def _split_rows(
+  counts: jax.Array,
+  phy2log: jax.Array,
+  num_gpus: int,
+  tolerance: float,
+  max_steps: int,
+  start: jax.Array | None = None,
+) -> jax.Array:
+  """Integer quotas ``[B, P]`` of ``B`` rows (layers or steps), from the even split or ``start``.
+
+  ``counts [B, E]`` (non-negative), ``phy2log [B, P]``; ``start``: feasible
+  fractional splits ``[B, P]`` (each expert's slots adding up to its count)
+  to start from instead of the even split; the result is never heavier than
+  its start, before rounding.
+
+  Each row's result is the one it would have alone. The variables are solved
+  in arrays of :func:`_variable_bound` entries per row; a batch with a row
+  that has more (a placement that leaves experts out) is solved with one
+  variable per slot.
+  """
+  num_rows, num_experts = counts.shape
+  num_slots = phy2log.shape[1]
+  row = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
+  expert = jnp.where(phy2log >= 0, phy2log, num_experts)
+  replicas = _sum_by(
+    jnp.ones(expert.shape, jnp.int32), row * (num_experts + 1) + expert, num_experts + 1
+  )
+
+  def solve(size):
+    return lambda: _solve(
+      _layout(counts, expert, replicas, num_gpus, size), tolerance, max_steps, start
+    )
+
+  size = _variable_bound(num_slots, num_experts)
+  if size == num_slots:
+    return solve(size)()
+  held = replicas[:, :num_experts]
+  fits = jnp.max(jnp.where(held > 1, held, 0).sum(1)) <= size
+  return jax.lax.cond(fits, solve(size), solve(num_slots))
 
 
 def _check_placement(
@@ -331,8 +422,7 @@ def _split(counts, phy2log, num_gpus, tolerance, max_steps):
   maps = jnp.broadcast_to(phy2log, (*counts.shape[:-1], phy2log.shape[-1])).reshape(
     rows.shape[0], -1
   )
-  split_layer = jax.vmap(_split_layer, in_axes=(0, 0, None, None, None))
-  return split_layer(rows, maps, num_gpus, tolerance, max_steps).reshape(*counts.shape[:-1], -1)
+  return _split_rows(rows, maps, num_gpus, tolerance, max_steps).reshape(*counts.shape[:-1], -1)
 
 
 def _checked_split(

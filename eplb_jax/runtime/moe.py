@@ -329,11 +329,13 @@ def _plan_step(counts: jax.Array, log2phy: jax.Array, num_gpus: int, spare_slots
   phy2log = _phy2log(log2phy, width + num_experts - 1)
   tolerance, max_steps = split_lib.DEFAULT_TOLERANCE, split_lib.DEFAULT_MAX_STEPS
   if not spare_slots:
-    quotas = split_lib._split_layer(counts, phy2log, num_gpus, tolerance, max_steps)
-    return _Step(log2phy, quotas, None)
-  plan = spares_lib._plan_layer(counts, phy2log, num_gpus, spare_slots, tolerance, max_steps)
-  extended = placement_lib.from_phy2log(plan.phy2log[None], num_experts)
-  return _Step(extended.log2phy[0], plan.quotas, plan.source)
+    quotas = split_lib._split_rows(counts[None], phy2log[None], num_gpus, tolerance, max_steps)
+    return _Step(log2phy, quotas[0], None)
+  plan = spares_lib._plan_rows(
+    counts[None], phy2log[None], num_gpus, spare_slots, tolerance, max_steps
+  )
+  extended = placement_lib.from_phy2log(plan.phy2log, num_experts)
+  return _Step(extended.log2phy[0], plan.quotas[0], plan.source[0])
 
 
 class _Fetch(NamedTuple):

@@ -98,3 +98,11 @@ def argsort_descending(x: jax.Array, exact: bool = True) -> jax.Array:
   high = jnp.take_along_axis(ordered >> low_bits, by_low, axis=-1)
   by_high = _sort_indexed((high << bits) | not_iota, bits)
   return jnp.take_along_axis(by_low, by_high, axis=-1)
+
+
+def descending_ranks(x: jax.Array, exact: bool = True) -> jax.Array:
+  """Position of each element of ``x [..., n]`` in :func:`argsort_descending`'s order (int32)."""
+  if x.shape[-1] <= _RANK_COUNT_MAX:
+    return _descending_ranks(x, exact)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return _by_rank(iota, argsort_descending(x, exact))
