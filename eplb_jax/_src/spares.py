@@ -173,8 +173,8 @@ def plan_spare_slots(
 
   Pure and jit-friendly: ``num_gpus``, ``spare_slots``, ``tolerance`` and
   ``max_steps`` are static; the greedy is a ``lax.fori_loop`` of ``G * k``
-  moves per layer and the split a bounded ``lax.while_loop``, vmapped over
-  layers. Under ``jax.jit``, values are treated as in :func:`split_tokens`.
+  moves per layer, vmapped over layers, and the split is
+  :func:`split_tokens`' solver. Under ``jax.jit``, values are treated as in :func:`split_tokens`.
 
   Args:
     counts: ``[L, E]`` int tokens routed to each expert in this step, or a

@@ -9,14 +9,21 @@ polytope of a supermodular function, so the load vector of least Euclidean
 norm is also the one of least maximum (Fujishige); the solver minimises
 ``1/2 sum_g load[g]**2``:
 
-* **Variables**: one per (expert, GPU) pair; an expert's duplicates on one
-  GPU share its quota (evenly, at the end). Slots are sorted once by
-  (expert, GPU), so every per-expert sum is a segment sum.
-* **Iteration**: accelerated projected gradient (FISTA, step ``1 / d`` for a
-  GPU holding at most ``d`` variables, which is the gradient's Lipschitz
-  constant) with a restart whenever the objective rises. The projection on
-  ``{x >= 0, sum over e's pairs = c[e]}`` is exact (Michelot's active-set
-  iteration, at most one step per replica).
+* **Variables**: an expert on one slot takes its whole count there; the
+  solver's variables are the slots of experts on two or more slots, at most
+  ``2 (P - E)`` per layer when every expert is held (each such expert has
+  at least half its slots beyond one per expert). They are compacted and
+  sorted by (expert, slot), so every per-expert sum is a segment sum over a
+  few hundred entries, not the whole placement.
+* **Iteration**: accelerated projected gradient (FISTA) with steps scaled
+  per GPU: a GPU holding ``d`` variables moves each by ``1 / d`` of its
+  load, a diagonal bound on its block of the Hessian, so GPUs with few
+  variables take full steps. The projection on ``{x >= 0, sum over e's
+  slots = c[e]}`` is one round of Michelot's active-set method, then a
+  rescaling: always feasible, exact for an expert on two slots.
+* **Batch**: the layers (and a window's steps) step together as one
+  ``[B, V]`` problem with flat segment sums; a layer already done keeps its
+  best point and bound, so its result is the one it would have alone.
 * **Certificate**: with GPUs ranked by load, the experts whose every replica
   lies among the ``k`` heaviest GPUs weigh at least ``k`` times the optimum
   on those GPUs, so ``max_k`` of that sum over ``k`` is a lower bound. At the
@@ -47,7 +54,7 @@ from eplb_jax._src.topology import Topology
 # Default stopping rule: the heaviest GPU within 0.1% of the certified lower bound.
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_MAX_STEPS = 128
-# Solver steps between two certificates: the bound costs about half a step.
+# Solver steps between two certificates: the bound costs about a step.
 _CHECK_EVERY = 4
 
 
@@ -67,11 +74,21 @@ class _Layout(NamedTuple):
   fixed_loads: jax.Array  # [B, G] float32 GPU loads of those quotas
   slot: jax.Array  # [B, V] the variable's slot
   gpu: jax.Array  # [B, V] its GPU, as an index into [B * G]
-  run: jax.Array  # [B, V] its expert's first variable, as an index into [B * V]
-  start: jax.Array  # [B, V] bool: the first variable of its expert
-  end: jax.Array  # [B, V] bool: the last variable of its expert
+  first: jax.Array  # [B, V] position of its expert's first variable in the row
+  run: jax.Array  # [B, V] the same, as an index into [B * V] (past the end for padding)
   count: jax.Array  # [B, V] int32 its expert's tokens in this step
   replicas: jax.Array  # [B, V] int32 its expert's slots
+
+  @property
+  def start(self) -> jax.Array:
+    """``[B, V]`` bool: the first variable of its expert."""
+    return self.first == jnp.arange(self.first.shape[1], dtype=jnp.int32)
+
+  @property
+  def end(self) -> jax.Array:
+    """``[B, V]`` bool: the last variable of its expert."""
+    start = self.start
+    return jnp.concatenate([start[:, 1:], jnp.ones_like(start[:, :1])], 1)
 
 
 def _sum_by(values: jax.Array, index: jax.Array, width: int) -> jax.Array:
@@ -93,15 +110,33 @@ def _take(table: jax.Array, index: jax.Array) -> jax.Array:
   )
 
 
-def _segment_scan(op, values: jax.Array, start: jax.Array) -> jax.Array:
-  """Inclusive scan of ``values [B, V]`` along rows by ``op``, restarted where ``start``."""
+def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+  """``table [B, W]`` at per-row ``index [B, N]`` (in ``[0, W)``)."""
+  rows, width = table.shape
+  flat = jnp.arange(rows, dtype=jnp.int32)[:, None] * width + index
+  return table.reshape(-1).at[flat.reshape(-1)].get(mode="clip").reshape(index.shape)
 
-  def combine(a, b):
-    value_a, start_a = a
-    value_b, start_b = b
-    return jnp.where(start_b, value_b, op(value_a, value_b)), start_a | start_b
 
-  return jax.lax.associative_scan(combine, (values, start), axis=1)[0]
+def _scan(op, values: jax.Array, first: jax.Array | None = None) -> jax.Array:
+  """Inclusive scan of ``values [B, N]`` along rows by ``op``; with ``first [B, N]`` (where
+  each position's segment starts), restarted at each segment.
+
+  Doubling (Hillis-Steele): after round ``k`` each position holds its op over
+  the ``2**k`` positions ending at it, within its segment. ``log2 N`` rounds
+  of elementwise work in a loop: XLA:CPU's cumulative sums are quadratic in
+  the row, and an associative scan's many slices slow compilation.
+  """
+  position = jnp.arange(values.shape[1], dtype=jnp.int32)
+  start = jnp.zeros_like(position) if first is None else first
+
+  def double(_, carry):
+    values, shift = carry
+    inside = position - shift >= start
+    earlier = jnp.roll(values, shift, axis=1)
+    return jnp.where(inside, op(earlier, values), values), 2 * shift
+
+  rounds = max(values.shape[1] - 1, 0).bit_length()
+  return jax.lax.fori_loop(0, rounds, double, (values, jnp.int32(1)))[0]
 
 
 def _variable_bound(num_slots: int, num_experts: int) -> int:
@@ -122,17 +157,13 @@ def _layout(
   num_rows, num_experts = counts.shape
   num_slots = expert.shape[1]
   row = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
-  variable = (expert < num_experts) & (jnp.take_along_axis(replicas, expert, 1, mode="clip") > 1)
+  variable = (expert < num_experts) & (_take_rows(replicas, expert) > 1)
   counts = jnp.pad(counts, ((0, 0), (0, 1)))  # an empty slot's expert E has no tokens
-  fixed_quota = jnp.where(variable, 0, jnp.take_along_axis(counts, expert, 1, mode="clip"))
+  fixed_quota = jnp.where(variable, 0, _take_rows(counts, expert))
   fixed_loads = fixed_quota.reshape(num_rows, num_gpus, -1).sum(-1).astype(jnp.float32)
-  # Each variable's position in slot order: the ones before it on its GPU,
-  # plus the ones on earlier GPUs (two short cumulative sums, not one long).
-  on_gpu = variable.reshape(num_rows, num_gpus, -1).astype(jnp.int32)
-  per_gpu = on_gpu.sum(-1, keepdims=True)
-  position = (jnp.cumsum(on_gpu, axis=2) + jnp.cumsum(per_gpu, axis=1) - per_gpu - 1).reshape(
-    num_rows, num_slots
-  )
+  # Each variable's position in slot order (an associative scan: XLA:CPU's
+  # cumulative sum is quadratic in the row).
+  position = _scan(jnp.add, variable.astype(jnp.int32)) - 1
   var_slot = (
     jnp.full(num_rows * size, num_slots, jnp.int32)
     .at[jnp.where(variable, row * size + position, num_rows * size).reshape(-1)]
@@ -142,9 +173,7 @@ def _layout(
     )
     .reshape(num_rows, size)
   )
-  var_expert = jnp.take_along_axis(
-    jnp.pad(expert, ((0, 0), (0, 1)), constant_values=num_experts), var_slot, 1, mode="clip"
-  )
+  var_expert = _take_rows(jnp.pad(expert, ((0, 0), (0, 1)), constant_values=num_experts), var_slot)
   # Sorted by (expert, slot): one sort of distinct int32 keys, the slot in
   # the low bits; padding last.
   bits = num_slots.bit_length()
@@ -156,19 +185,16 @@ def _layout(
   held = var_expert < num_experts
   differs = jnp.ones((num_rows, 1), bool)
   start = jnp.concatenate([differs, var_expert[:, 1:] != var_expert[:, :-1]], 1)
-  first = jax.lax.associative_scan(
-    jnp.maximum, jnp.where(start, jnp.arange(size, dtype=jnp.int32), 0), axis=1
-  )
+  first = _scan(jnp.maximum, jnp.where(start, jnp.arange(size, dtype=jnp.int32), 0))
   return _Layout(
     fixed_quota=fixed_quota,
     fixed_loads=fixed_loads,
     slot=var_slot,
     gpu=jnp.where(held, row * num_gpus + var_slot // (num_slots // num_gpus), num_rows * num_gpus),
     run=jnp.where(held, row * size + first, num_rows * size),
-    start=start,
-    end=jnp.concatenate([var_expert[:, 1:] != var_expert[:, :-1], differs], 1),
-    count=jnp.take_along_axis(counts, var_expert, 1, mode="clip"),
-    replicas=jnp.take_along_axis(replicas, var_expert, 1, mode="clip"),
+    first=first,
+    count=_take_rows(counts, var_expert),
+    replicas=_take_rows(replicas, var_expert),
   )
 
 
@@ -177,31 +203,18 @@ def _per_expert(values: jax.Array, layout: _Layout) -> jax.Array:
   return _take(_sum_by(values, layout.run, layout.run.shape[1]), layout.run)
 
 
-# Michelot rounds per projection: exact for an expert on at most this many slots.
-_PROJECTION_ROUNDS = 1
-
-
-def _project(v: jax.Array, weight: jax.Array, layout: _Layout) -> jax.Array:
+def _project(v: jax.Array, weight: jax.Array, weight_sum: jax.Array, layout: _Layout) -> jax.Array:
   """A point of ``{x >= 0, sum over e's variables = count[e]}`` near ``v`` in the norm
-  ``sum_i (x_i - v_i)**2 / weight_i``.
+  ``sum_i (x_i - v_i)**2 / weight_i`` (``weight_sum``: each expert's sum of weights).
 
-  Michelot's active-set rounds (each drops the variables at or below the
-  current threshold) give the exact projection once the active set stops
-  shrinking, which takes at most one round per variable of the expert.
-  After a fixed number of rounds the positive parts are scaled to the count,
-  so the point is always feasible, and it is the projection for every expert
-  on up to ``_PROJECTION_ROUNDS`` slots (and any expert whose active set
-  settled).
+  One round of Michelot's active-set method (the threshold of all of the
+  expert's variables; those at or below it drop to 0), then the positive
+  parts scaled to the count: always feasible, and the exact projection for
+  an expert on two slots (or whose variables all stay positive).
   """
   target = layout.count.astype(jnp.float32)
-  active = layout.replicas > 0
-  for _ in range(_PROJECTION_ROUNDS):
-    sums = _per_expert(
-      jnp.stack([jnp.where(active, v, 0.0), jnp.where(active, weight, 0.0)], -1), layout
-    )
-    tau = (sums[..., 0] - target) / jnp.where(sums[..., 1] > 0, sums[..., 1], 1.0)
-    active = active & (v > tau * weight)
-  x = jnp.where(active, v - tau * weight, 0.0)
+  tau = (_per_expert(v, layout) - target) / weight_sum
+  x = jnp.maximum(v - tau * weight, 0.0)
   total = _per_expert(x, layout)
   return x * jnp.where(total > 0, target / jnp.where(total > 0, total, 1.0), 0.0)
 
@@ -243,9 +256,9 @@ class _Iterate(NamedTuple):
   y: jax.Array  # [B, V] extrapolated point
   x_loads: jax.Array  # [B, G] GPU loads of x
   y_loads: jax.Array  # [B, G] GPU loads of y (affine in y, so extrapolated alongside it)
-  t: jax.Array  # [B] FISTA momentum
-  energy: jax.Array  # [B] 1/2 sum of squared GPU loads about their mean, at x
+  t: jax.Array  # FISTA momentum (the same for every row)
   best: jax.Array  # [B, V] the iterate with the lightest heaviest GPU so far
+  best_loads: jax.Array  # [B, G] its GPU loads
   best_max: jax.Array  # [B]
   bound: jax.Array  # [B]
   step: jax.Array  # solver steps taken
@@ -258,10 +271,10 @@ def _round(x: jax.Array, layout: _Layout) -> jax.Array:
   kept non-decreasing) are differenced: integers adding up to the count,
   each within one token of its fractional value.
   """
-  cumulative = jnp.round(_segment_scan(jnp.add, x, layout.start))
+  cumulative = jnp.round(_scan(jnp.add, x, layout.first))
   cumulative = jnp.clip(cumulative, 0, layout.count).astype(jnp.int32)
   cumulative = jnp.where(layout.end, layout.count, cumulative)
-  cumulative = _segment_scan(jnp.maximum, cumulative, layout.start)
+  cumulative = _scan(jnp.maximum, cumulative, layout.first)
   return cumulative - jnp.where(layout.start, 0, jnp.roll(cumulative, 1, axis=1))
 
 
@@ -273,20 +286,14 @@ def _solve(layout: _Layout, tolerance: float, max_steps: int, start: jax.Array |
   if start is None:  # the even split: each slot of e takes count[e] / (slots of e)
     x0 = jnp.where(held, count / jnp.maximum(layout.replicas, 1), 0.0)
   else:
-    x0 = jnp.take_along_axis(jnp.pad(start, ((0, 0), (0, 1))), layout.slot, 1)
+    x0 = _take_rows(jnp.pad(start, ((0, 0), (0, 1))), layout.slot)
   loads = _gpu_loads(x0, layout)
   # Steps scaled per GPU: a GPU holding d variables moves each by 1 / d of its
   # load's gradient (its Hessian block 1 1^T is at most d I).
   degree = _sum_by(held.astype(jnp.float32), layout.gpu, num_gpus)
-  rate = 1.0 / jnp.maximum(_take(degree, layout.gpu), 1.0)
-
-  # The total load is the same at every feasible point, so the energy is
-  # measured about the mean load: the same comparisons, far fewer float32 digits.
-  total = layout.fixed_loads.sum(1) + jnp.where(layout.start, count, 0.0).sum(1)
-  mean_load = (total / num_gpus)[:, None]
-
-  def energy(loads):
-    return 0.5 * jnp.sum(jnp.square(loads - mean_load), axis=1)
+  rate = jnp.where(held, 1.0 / jnp.maximum(_take(degree, layout.gpu), 1.0), 0.0)
+  rate_sum = _per_expert(rate, layout)
+  rate_sum = jnp.where(rate_sum > 0, rate_sum, 1.0)
 
   def done(it):
     # Within the tolerance of the bound, or at most its ceiling, which no
@@ -295,25 +302,20 @@ def _solve(layout: _Layout, tolerance: float, max_steps: int, start: jax.Array |
     return (it.best_max <= target) | (it.step >= max_steps)
 
   def step(_, it):
-    x_new = _project(it.y - rate * _take(it.y_loads, layout.gpu), rate, layout)
+    x_new = _project(it.y - rate * _take(it.y_loads, layout.gpu), rate, rate_sum, layout)
     loads = _gpu_loads(x_new, layout)
-    e_new = energy(loads)
-    # A rise undoes the momentum (a restart); a plain projected-gradient step
-    # (t == 1) never rises in exact arithmetic, so it is kept whatever the rounding.
-    rises = (e_new > it.energy) & (it.t > 1.0)
     t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * it.t * it.t))
-    momentum = ((it.t - 1.0) / t_new)[:, None]
+    momentum = (it.t - 1.0) / t_new
     heaviest = jnp.max(loads, axis=1)
     better = (heaviest < it.best_max)[:, None]
-    keep = rises[:, None]
     return _Iterate(
-      x=jnp.where(keep, it.x, x_new),
-      y=jnp.where(keep, it.x, x_new + momentum * (x_new - it.x)),
-      x_loads=jnp.where(keep, it.x_loads, loads),
-      y_loads=jnp.where(keep, it.x_loads, loads + momentum * (loads - it.x_loads)),
-      t=jnp.where(rises, 1.0, t_new),
-      energy=jnp.where(rises, it.energy, e_new),
+      x=x_new,
+      y=x_new + momentum * (x_new - it.x),
+      x_loads=loads,
+      y_loads=loads + momentum * (loads - it.x_loads),
+      t=t_new,
       best=jnp.where(better, x_new, it.best),
+      best_loads=jnp.where(better, loads, it.best_loads),
       best_max=jnp.minimum(heaviest, it.best_max),
       bound=it.bound,
       step=it.step + 1,
@@ -325,9 +327,10 @@ def _solve(layout: _Layout, tolerance: float, max_steps: int, start: jax.Array |
     # bound, so its result is the one it would have on its own.
     running = ~done(it)
     new = jax.lax.fori_loop(0, _CHECK_EVERY, step, it)
-    bound = jnp.maximum(new.bound, _bound(_gpu_loads(new.best, layout), layout))
+    bound = jnp.maximum(new.bound, _bound(new.best_loads, layout))
     return new._replace(
       best=jnp.where(running[:, None], new.best, it.best),
+      best_loads=jnp.where(running[:, None], new.best_loads, it.best_loads),
       best_max=jnp.where(running, new.best_max, it.best_max),
       bound=jnp.where(running, bound, it.bound),
     )
@@ -339,9 +342,9 @@ def _solve(layout: _Layout, tolerance: float, max_steps: int, start: jax.Array |
     y=x0,
     x_loads=loads,
     y_loads=loads,
-    t=jnp.ones(x0.shape[0], jnp.float32),
-    energy=energy(loads),
+    t=jnp.float32(1.0),
     best=x0,
+    best_loads=loads,
     best_max=jnp.max(loads, axis=1),
     bound=jnp.maximum(_bound(loads, layout), _bound(layout.fixed_loads, layout)),
     step=jnp.int32(0),
@@ -461,8 +464,9 @@ def split_tokens(
   start, so the result is never heavier than it before rounding.
 
   Pure and jit-friendly: ``num_gpus``, ``tolerance`` and ``max_steps`` are
-  static; the solver is a bounded ``lax.while_loop`` per layer, vmapped. It
-  runs in float32: quotas are always integers adding up to the counts, and
+  static; the solver is one bounded ``lax.while_loop`` over all layers (and
+  steps) at once, each keeping the result it would have alone. It runs in
+  float32: quotas are always integers adding up to the counts, and
   within one token of the fractional split for experts of up to ``2**24``
   tokens per step.
   Under ``jax.jit`` a negative count counts as 0 and placement entries
@@ -480,7 +484,7 @@ def split_tokens(
       each), or the :class:`Topology` the placement was made for.
     tolerance: stop once the heaviest GPU is within this fraction of the
       lower bound.
-    max_steps: at most this many solver steps per layer.
+    max_steps: at most this many solver steps.
 
   Returns:
     int32 quotas ``[L, P]`` (``[N, L, P]`` for a window).

@@ -53,6 +53,21 @@ def test_coarse_argsort_ignores_only_the_lowest_bits(n, variant):
   np.testing.assert_array_equal(order[2], np.argsort(spaced, kind="stable"))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("n", [1, 32, 96, 97, 300])
+def test_descending_ranks_invert_the_order(n, exact, variant):
+  """Ranks by counting (short rows on CPU) or from the sorted order: each element's position
+  in argsort_descending's order, ties included."""
+  rng = np.random.default_rng(n)
+  x = np.stack([rng.integers(0, 5, n), rng.permutation(n)]).astype(np.float32)
+  module = VARIANTS[variant]
+  ranks = np.asarray(jax.jit(module.descending_ranks, static_argnums=1)(x, exact))
+  order = np.asarray(jax.jit(module.argsort_descending, static_argnums=1)(x, exact))
+  assert ranks.dtype == np.int32
+  np.testing.assert_array_equal(np.take_along_axis(ranks, order, -1), np.tile(np.arange(n), (2, 1)))
+
+
 def test_coarse_orders_agree_across_variants():
   """The refined mode's coarse sorts give the same permutation on every backend."""
   x = np.random.default_rng(0).lognormal(size=(4, 300)).astype(np.float32)
