@@ -161,8 +161,7 @@ def _layout(
   counts = jnp.pad(counts, ((0, 0), (0, 1)))  # an empty slot's expert E has no tokens
   fixed_quota = jnp.where(variable, 0, _take_rows(counts, expert))
   fixed_loads = fixed_quota.reshape(num_rows, num_gpus, -1).sum(-1).astype(jnp.float32)
-  # Each variable's position in slot order (an associative scan: XLA:CPU's
-  # cumulative sum is quadratic in the row).
+  # Each variable's position in slot order.
   position = _scan(jnp.add, variable.astype(jnp.int32)) - 1
   var_slot = (
     jnp.full(num_rows * size, num_slots, jnp.int32)

@@ -135,6 +135,18 @@ class SplitTokensTest(chex.TestCase):
         quotas[step], eplb_jax.split_tokens(window[step], phy2log, num_gpus)
       )
 
+  def test_a_row_does_not_depend_on_its_batch(self):
+    # 12 experts on 16 slots: a placement holding every expert has at most 8 variables
+    # (slots of experts held more than once); the second row, 8 experts twice each, has 16,
+    # which sends the whole batch to the solver with one variable per slot.
+    held = np.array([0, 1, 2, 3, 0, 4, 5, 6, 7, 8, 1, 9, 10, 11, 2, 3])
+    twice = np.repeat(np.arange(8), 2)
+    counts = np.random.default_rng(6).integers(0, 500, (2, 12)).astype(np.int32)
+    together = eplb_jax.split_tokens(counts, np.stack([held, twice]), 4)
+    chex.assert_trees_all_equal(together[0], eplb_jax.split_tokens(counts[:1], held[None], 4)[0])
+    chex.assert_trees_all_equal(together[1], eplb_jax.split_tokens(counts[1:], twice[None], 4)[0])
+    check_quotas(together, counts, np.stack([held, twice]), 4)
+
   def test_placement_and_topology_arguments(self):
     topology = eplb_jax.Topology(16, 1, 1, 4)
     placement = eplb_jax.rebalance(workloads.skewed_loads(2, 8), topology, mode="greedy")
