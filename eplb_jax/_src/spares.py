@@ -20,9 +20,10 @@ step's split over all slots:
   holds the placement in service, so its optimal split is never heavier
   than the service placement's, and the solver certifies its result within
   its tolerance of that optimum.
-* **Sources**: the ``r``-th copy of expert ``e`` (in slot order) fetches its
-  weights from ``e``'s service slot of rank ``r mod replicas[e]``, so copies
-  of one expert are fetched from all its holders in turn.
+* **Sources**: a copy fetches its weights from the slot whose tokens it
+  takes over: the heavy GPU's service slot, or, for a copy of a copy, the
+  service slot that one was fetched from. The fetches of a step come from
+  the GPUs they relieve, and no sort of the placement is needed to find them.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _Fill(NamedTuple):
   quota: jax.Array  # [G, S + k] float32 tokens each slot takes
   loads: jax.Array  # [G] float32 sum of quota per GPU
   used: jax.Array  # [G] int32 spare slots filled
+  source: jax.Array  # [G, S + k] int32 service slot whose weights each slot holds, -1 empty
 
 
 def _fill_layer(counts: jax.Array, phy2log: jax.Array, num_gpus: int, spare_slots: int):
@@ -90,38 +92,47 @@ def _fill_layer(counts: jax.Array, phy2log: jax.Array, num_gpus: int, spare_slot
     quota=jnp.concatenate([quota, jnp.zeros(spare, jnp.float32)], 1),
     loads=quota.sum(1),
     used=jnp.zeros(num_gpus, jnp.int32),
+    source=jnp.concatenate(
+      [
+        jnp.where(held, jnp.arange(num_slots, dtype=jnp.int32), -1).reshape(num_gpus, per_gpu),
+        jnp.full(spare, -1, jnp.int32),
+      ],
+      1,
+    ),
   )
 
+  gpus = jnp.arange(num_gpus, dtype=jnp.int32)
+  columns = jnp.arange(per_gpu + spare_slots, dtype=jnp.int32)
+
   def move(_, fill: _Fill) -> _Fill:
-    heavy = jnp.argmax(fill.loads)
-    column = jnp.argmax(fill.quota[heavy])
-    chosen, available = fill.experts[heavy, column], fill.quota[heavy, column]
+    # One-hot masks rather than indexing: elementwise work on [G, S + k], no
+    # scatters or gathers per move.
+    heavy = gpus == ops.argmax_first(fill.loads)
+    heavy_quota = ops.sum_last(jnp.where(heavy[:, None], fill.quota, 0.0).T)
+    taken = heavy[:, None] & (columns == ops.argmax_first(heavy_quota))[None, :]
+    chosen = jnp.where(taken, fill.experts, 0).sum()
+    available = jnp.where(taken, fill.quota, 0.0).sum()
+    origin = jnp.where(taken, fill.source, 0).sum()
     open_ = (fill.used < spare_slots) & ~(fill.experts == chosen).any(1)
-    light = jnp.argmin(jnp.where(open_, fill.loads, jnp.inf))
-    amount = jnp.minimum(available, 0.5 * (fill.loads[heavy] - fill.loads[light]))
+    light = gpus == ops.argmin_first(jnp.where(open_, fill.loads, jnp.inf))
+    heavy_load = jnp.where(heavy, fill.loads, 0.0).sum()
+    light_load = jnp.where(light, fill.loads, 0.0).sum()
+    amount = jnp.minimum(available, 0.5 * (heavy_load - light_load))
     # A copy that would take less than one token is not worth its weights.
-    moves = open_[light] & (amount >= 1.0)
+    moves = (open_ & light).any() & (amount >= 1.0)
     amount = jnp.where(moves, amount, 0.0)
-    target = per_gpu + jnp.minimum(fill.used[light], spare_slots - 1)
+    target = per_gpu + jnp.minimum(fill.used, spare_slots - 1)  # [G]
+    placed = (light & moves)[:, None] & (columns[None, :] == target[:, None])
     return _Fill(
-      experts=fill.experts.at[light, target].set(
-        jnp.where(moves, chosen, fill.experts[light, target])
-      ),
-      quota=fill.quota.at[heavy, column].add(-amount).at[light, target].add(amount),
-      loads=fill.loads.at[heavy].add(-amount).at[light].add(amount),
-      used=fill.used.at[light].add(moves.astype(jnp.int32)),
+      experts=jnp.where(placed, chosen, fill.experts),
+      quota=fill.quota - jnp.where(taken, amount, 0.0) + jnp.where(placed, amount, 0.0),
+      loads=fill.loads + jnp.where(light, amount, 0.0) - jnp.where(heavy, amount, 0.0),
+      used=fill.used + (light & moves),
+      source=jnp.where(placed, origin, fill.source),
     )
 
   filled = jax.lax.fori_loop(0, num_gpus * spare_slots, move, start)
-  copies = filled.experts[:, per_gpu:].reshape(-1)
-  # The r-th copy of e (in slot order) reads e's service slot of rank r mod replicas[e].
-  rank = ops.occurrence_rank(jnp.where(copies >= 0, copies, num_experts))
-  slot = jnp.arange(num_slots, dtype=jnp.int32)
-  by_expert = jax.lax.sort(expert * num_slots + slot) % num_slots  # slots by (expert, slot)
-  first = jnp.cumsum(replicas) - replicas  # position of each expert's first slot there
-  held_copy = jnp.where(copies >= 0, copies, 0)
-  position = first[held_copy] + rank % jnp.maximum(replicas[held_copy], 1)
-  source = jnp.where(copies >= 0, by_expert[position], -1)
+  source = filled.source[:, per_gpu:].reshape(-1)
   return filled.experts.reshape(-1), filled.quota.reshape(-1), source
 
 
