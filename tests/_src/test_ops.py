@@ -55,7 +55,7 @@ def test_coarse_argsort_ignores_only_the_lowest_bits(n, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("exact", [True, False])
-@pytest.mark.parametrize("n", [1, 32, 96, 97, 300])
+@pytest.mark.parametrize("n", [1, 96, 97])
 def test_descending_ranks_invert_the_order(n, exact, variant):
   """Ranks by counting (short rows on CPU) or from the sorted order: each element's position
   in argsort_descending's order, ties included."""
