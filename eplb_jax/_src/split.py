@@ -113,8 +113,7 @@ def _take(table: jax.Array, index: jax.Array) -> jax.Array:
 def _take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
   """``table [B, W]`` at per-row ``index [B, N]`` (in ``[0, W)``)."""
   rows, width = table.shape
-  flat = jnp.arange(rows, dtype=jnp.int32)[:, None] * width + index
-  return table.reshape(-1).at[flat.reshape(-1)].get(mode="clip").reshape(index.shape)
+  return _take(table, jnp.arange(rows, dtype=jnp.int32)[:, None] * width + index)
 
 
 def _scan(op, values: jax.Array, first: jax.Array | None = None) -> jax.Array:

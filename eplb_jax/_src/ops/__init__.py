@@ -73,8 +73,13 @@ def descending_ranks(x: jax.Array, exact: bool = True) -> jax.Array:
   return by_platform(
     x,
     cpu=functools.partial(cpu_ops.descending_ranks, exact=exact),
-    default=functools.partial(xla_ops.descending_ranks, exact=exact),
+    default=functools.partial(_sorted_ranks, exact=exact),
   )
+
+
+def _sorted_ranks(x: jax.Array, exact: bool) -> jax.Array:
+  """:func:`descending_ranks` from XLA's sort: the inverse of its order."""
+  return inverse_permutation(xla_ops.argsort_descending(x, exact))
 
 
 # Rows up to this long are summed by one unrolled chain of adds.

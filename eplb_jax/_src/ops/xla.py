@@ -39,10 +39,3 @@ def argsort_descending(x: jax.Array, exact: bool = True) -> jax.Array:
     (~keys.exact_key(x), iota), dimension=dimension, is_stable=True, num_keys=1
   )
   return order
-
-
-def descending_ranks(x: jax.Array, exact: bool = True) -> jax.Array:
-  """Position of each element of ``x [..., n]`` in :func:`argsort_descending`'s order (int32)."""
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  order = argsort_descending(x, exact)
-  return jnp.put_along_axis(jnp.zeros_like(order), order, iota, axis=-1, inplace=False)
