@@ -6,12 +6,14 @@ PyTorch's threads alike, to the last CPU while the timed calls run, so the
 comparison is per core and the other cores' background work does not land
 on it. Compilation runs outside it, on all cores, as it would for a user.
 Pinning is Linux-only; elsewhere only the thread counts are limited.
+:func:`report` prints and saves a benchmark's header and tables.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import time
 from collections.abc import Iterator
 
@@ -54,3 +56,11 @@ def interleaved_ms(calls: dict, rounds: int, repeats: int) -> dict:
           jax.block_until_ready(call())
           times[key].append(1e3 * (time.perf_counter() - start))
   return times
+
+
+def report(header: str, table: str, path: pathlib.Path | None) -> None:
+  """Prints a benchmark's ``header`` and markdown ``table``, and writes both to ``path``."""
+  print(header, table, sep="\n\n")
+  if path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{header}\n\n{table}\n")

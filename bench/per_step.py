@@ -664,10 +664,7 @@ def main() -> None:
     f"{load:.1f} at its start, {os.getloadavg()[0]:.1f} at its end"
   )
   table = markdown(rows, spent, args)
-  print(header, table, sep="\n\n")
-  if args.markdown:
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(f"{header}\n\n{table}\n")
+  one_core.report(header, table, args.markdown)
   plot(rows, args, args.plot)
 
 

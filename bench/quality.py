@@ -311,10 +311,7 @@ def main() -> None:
     "timings on one core"
   )
   table = markdown(rows, timed, methods_run)
-  print(header, table, sep="\n\n")
-  if args.markdown:
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(f"{header}\n\n{table}\n")
+  one_core.report(header, table, args.markdown)
   if rows:
     plot(rows, methods_run, args.plot)
 

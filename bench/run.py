@@ -194,10 +194,7 @@ def main() -> None:
     f"jax {jax.__version__} on {jax.devices()[0].device_kind}, one core, seed {args.seed}; "
     f"best of {args.repeats} calls in {args.rounds} interleaved rounds (original: one a round)"
   )
-  print(header, table, sep="\n\n")
-  if args.markdown:
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(f"{header}\n\n{table}\n")
+  one_core.report(header, table, args.markdown)
   plot(rows, args.plot)
 
 
