@@ -184,9 +184,14 @@ def logical_to_physical(phy2log: jax.Array, phyrank: jax.Array, num_logical: int
 def replica_counts(phy2log: jax.Array, num_logical: int) -> jax.Array:
   """``logcnt [L, E]``: the replicas of each expert in ``phy2log [L, P]`` (-1: an empty slot)."""
   num_layers = phy2log.shape[0]
-  expert = jnp.where(phy2log >= 0, phy2log, num_logical)
-  logcnt = jnp.zeros((num_layers, num_logical), jnp.int32)
-  return logcnt.at[jnp.arange(num_layers)[:, None], expert].add(1, mode="drop")
+  # One flat segment sum (ids outside [0, E) count for no expert): XLA:CPU
+  # scatters flat indices faster than (layer, expert) pairs.
+  expert = jnp.where((phy2log >= 0) & (phy2log < num_logical), phy2log, num_logical)
+  index = jnp.arange(num_layers, dtype=jnp.int32)[:, None] * (num_logical + 1) + expert
+  counts = jax.ops.segment_sum(
+    jnp.ones(index.size, jnp.int32), index.reshape(-1), num_layers * (num_logical + 1)
+  )
+  return counts.reshape(num_layers, num_logical + 1)[:, :num_logical]
 
 
 def from_phy2log(phy2log: jax.Array, num_logical: int) -> Placement:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from eplb_jax._src import checks
 from eplb_jax._src import ops
+from eplb_jax._src import placement as placement_lib
 from eplb_jax._src import split as split_lib
 from eplb_jax._src.placement import Placement
 from eplb_jax._src.topology import Topology
@@ -83,7 +84,7 @@ def _fill_layer(counts: jax.Array, phy2log: jax.Array, num_gpus: int, spare_slot
   per_gpu = num_slots // num_gpus
   held = phy2log >= 0
   expert = jnp.where(held, phy2log, num_experts)  # num_experts: no expert
-  replicas = jnp.zeros(num_experts + 1, jnp.int32).at[expert].add(1)[:num_experts]
+  replicas = placement_lib.replica_counts(phy2log[None], num_experts)[0]
   share = counts.astype(jnp.float32) / jnp.maximum(replicas, 1)
   quota = jnp.where(held, jnp.append(share, 0.0)[expert], 0.0).reshape(num_gpus, per_gpu)
   spare = (num_gpus, spare_slots)

@@ -372,13 +372,10 @@ def _split_rows(
   that has more (a placement that leaves experts out) is solved with one
   variable per slot.
   """
-  num_rows, num_experts = counts.shape
-  num_slots = phy2log.shape[1]
-  row = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
+  num_experts, num_slots = counts.shape[1], phy2log.shape[1]
   expert = jnp.where(phy2log >= 0, phy2log, num_experts)
-  replicas = _sum_by(
-    jnp.ones(expert.shape, jnp.int32), row * (num_experts + 1) + expert, num_experts + 1
-  )
+  # Slots per expert, and none for the empty slots' expert E.
+  replicas = jnp.pad(placement_lib.replica_counts(phy2log, num_experts), ((0, 0), (0, 1)))
 
   def solve(size):
     return lambda: _solve(
